@@ -4,8 +4,9 @@ Per layer: x = x + attn(norm(x)); x = x + mlp(norm(x)). Parameter-free RMSNorm a
 before the MLP, on q and k (after RoPE) and before the head. RoPE theta 10,000 (half-split rotation), causal GQA
 attention, ReLU^2 MLP of width 4D, no biases, untied embedding and head, fp32 logits soft-capped 15*tanh(x/15).
 
-The layers' weights are stacked on a leading axis and run with lax.scan, so compile time does not grow with depth and
-Muon can vmap over that axis. Master weights are fp32; matmuls run in `dtype` (bf16 on GPUs), weights cast at use.
+The layers' weights are stacked on a leading axis (Muon vmaps over it) and run with lax.scan on accelerators, so compile
+time does not grow with depth; on CPUs a Python loop over the layers is ~6% faster per step (no stacked-gradient
+updates) and compiles quickly at CPU sizes. Master weights are fp32; matmuls run in `dtype` (bf16 on GPUs), weights cast at use.
 
 Entry points: forward (logits) and loss / token_losses (training) over whole sequences; for inference, cached_forward
 (prefill and decode over a DecodeCache, from init_decode_cache) runs the same layers from decode_params(params).
@@ -214,19 +215,53 @@ def _embed(params, tokens_BT, dtype, constrain):
     return constrain(rms_norm(x), ("batch", "seq", "embed"))
 
 
-def _head(h_BTD, lm_head, cfg: GPTConfig, dtype):
-    """fp32 soft-capped logits (the matmul accumulates and outputs in fp32)."""
+def _raw_logits(h_BTD, lm_head, dtype):
+    """fp32 logits before the softcap (the matmul accumulates and outputs in fp32)."""
     h = h_BTD.reshape(-1, h_BTD.shape[-1])  # 2-D, as in _linear
     logits = jnp.matmul(h, lm_head.astype(dtype), preferred_element_type=jnp.float32)
-    return softcap(logits, cfg.softcap).reshape(*h_BTD.shape[:-1], -1)
+    return logits.reshape(*h_BTD.shape[:-1], -1)
+
+
+def _head(h_BTD, lm_head, cfg: GPTConfig, dtype):
+    """fp32 soft-capped logits."""
+    return softcap(_raw_logits(h_BTD, lm_head, dtype), cfg.softcap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def softcapped_cross_entropy(raw_BTV, targets_BT, cap: float):
+    """Cross entropy (nats, 0 where the target is -1) of cap * tanh(raw / cap) logits. Its backward is one fused pass,
+    (softmax - onehot) * (1 - (logits / cap)^2), from the saved capped logits and logsumexp; autodiff's took several
+    passes over the (B, T, V) logits (~2% of a CPU train step)."""
+    return _softcapped_ce_fwd(raw_BTV, targets_BT, cap)[0]
+
+
+def _softcapped_ce_fwd(raw_BTV, targets_BT, cap):
+    logits = softcap(raw_BTV, cap)
+    valid = targets_BT >= 0
+    safe = jnp.where(valid, targets_BT, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, lse - target_logit, 0.0), (logits, lse, safe, valid)
+
+
+def _softcapped_ce_bwd(cap, residuals, g_BT):
+    logits, lse, safe, valid = residuals
+    g = jnp.where(valid, g_BT, 0.0)[..., None]
+    onehot = jnp.arange(logits.shape[-1], dtype=safe.dtype) == safe[..., None]
+    d_logits = jnp.exp(logits - lse[..., None]) - onehot
+    return d_logits * g * (1 - jnp.square(logits * (1.0 / cap))), None
+
+
+softcapped_cross_entropy.defvjp(_softcapped_ce_fwd, _softcapped_ce_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training / full-sequence forward.
 
 def hidden_states(params, tokens_BT, cfg: GPTConfig, *, dtype=jnp.float32, constrain: Callable | None = None,
-                  remat=True, attn_impl: str | None = None):
-    """Final normed hidden states (B, T, D) in `dtype`, before lm_head (the loss chunks over the head itself)."""
+                  remat=True, attn_impl: str | None = None, scan_layers: bool | None = None):
+    """Final normed hidden states (B, T, D) in `dtype`, before lm_head (the loss chunks over the head itself).
+    scan_layers: lax.scan over the stacked layers, or a Python loop; None = scan except on CPUs (module docstring)."""
     constrain = constrain or _identity
     impl = attn_impl or _attention_impl(dtype, cfg.head_dim)
     if impl not in ("xla", "cudnn"):
@@ -240,19 +275,28 @@ def hidden_states(params, tokens_BT, cfg: GPTConfig, *, dtype=jnp.float32, const
         return _finish(layer, x, y, dtype, constrain), None
 
     x = _embed(params, tokens_BT, dtype, constrain)
-    x, _ = jax.lax.scan(_remat(block, remat), x, params["blocks"])
+    if scan_layers is None:
+        scan_layers = jax.default_backend() != "cpu"
+    if scan_layers:
+        x, _ = jax.lax.scan(_remat(block, remat), x, params["blocks"])
+    else:
+        block = _remat(block, remat)
+        for i in range(cfg.depth):
+            x, _ = block(x, jax.tree.map(lambda w: w[i], params["blocks"]))
     return constrain(rms_norm(x), ("batch", "seq", "embed"))
 
 
 def forward(params, tokens_BT, cfg: GPTConfig, *, dtype=jnp.float32, constrain: Callable | None = None,
-            remat=False, attn_impl: str | None = None):
+            remat=False, attn_impl: str | None = None, scan_layers: bool | None = None):
     """Logits (B, T, V) fp32, soft-capped, over the whole sequence (no cache: see cached_forward for inference)."""
-    h = hidden_states(params, tokens_BT, cfg, dtype=dtype, constrain=constrain, remat=remat, attn_impl=attn_impl)
+    h = hidden_states(params, tokens_BT, cfg, dtype=dtype, constrain=constrain, remat=remat, attn_impl=attn_impl,
+                      scan_layers=scan_layers)
     return _head(h, params["lm_head"], cfg, dtype)
 
 
 def token_losses(params, inputs_BT, targets_BT, cfg: GPTConfig, *, dtype=jnp.float32,
-                 constrain: Callable | None = None, chunk: int | None = None, remat=True, attn_impl: str | None = None):
+                 constrain: Callable | None = None, chunk: int | None = None, remat=True, attn_impl: str | None = None,
+                 scan_layers: bool | None = None):
     """Cross entropy in nats per position (B, T) fp32; 0 where the target is -1 (ignored).
 
     When the (B, T, V) fp32 logits would exceed LOSS_CHUNK_BYTES (or `chunk` positions are asked for), the head,
@@ -260,7 +304,8 @@ def token_losses(params, inputs_BT, targets_BT, cfg: GPTConfig, *, dtype=jnp.flo
     holds more than one chunk's logits. Small enough logits are computed in one piece: no recomputation.
     """
     constrain = constrain or _identity
-    h_BTD = hidden_states(params, inputs_BT, cfg, dtype=dtype, constrain=constrain, remat=remat, attn_impl=attn_impl)
+    h_BTD = hidden_states(params, inputs_BT, cfg, dtype=dtype, constrain=constrain, remat=remat, attn_impl=attn_impl,
+                          scan_layers=scan_layers)
     B, T, D = h_BTD.shape
     if chunk is None:
         chunk = max(1, LOSS_CHUNK_BYTES // (B * cfg.vocab_size * 4))
@@ -276,10 +321,8 @@ def token_losses(params, inputs_BT, targets_BT, cfg: GPTConfig, *, dtype=jnp.flo
 
     def chunk_losses(args):
         h_BCD, t_BC = args
-        logits = constrain(_head(h_BCD, lm_head, cfg, dtype), ("batch", "seq", "vocab"))
-        valid = t_BC >= 0
-        target_logit = jnp.take_along_axis(logits, jnp.where(valid, t_BC, 0)[..., None], axis=-1)[..., 0]
-        return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - target_logit, 0.0)
+        raw = constrain(_raw_logits(h_BCD, lm_head, dtype), ("batch", "seq", "vocab"))
+        return softcapped_cross_entropy(raw, t_BC, cfg.softcap)
 
     if n == 1:
         return chunk_losses((h_BTD, targets_BT))[:, :T]

@@ -60,8 +60,12 @@ def make_train_step(model_cfg: GPTConfig, tx, mesh, param_sh, opt_sh, dtype, rem
             (nats, n), g = jax.value_and_grad(summed_loss, has_aux=True)(params, *batch)
             return (jax.tree.map(jnp.add, grads, g), total + nats, count + n), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, total, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0), (inputs_ABT, targets_ABT))
+        if inputs_ABT.shape[0] == 1:  # no accumulation: skip the zero-initialised running sum
+            (total, count), grads = jax.value_and_grad(summed_loss, has_aux=True)(params, inputs_ABT[0],
+                                                                                  targets_ABT[0])
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, total, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0), (inputs_ABT, targets_ABT))
         scale = 1.0 / jnp.maximum(count, 1)
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
