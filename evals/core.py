@@ -262,7 +262,9 @@ def _jitted_score(cfg, dtype, mesh):
         targets = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1)  # last column: a dummy target
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
-        return losses, jnp.argmax(logits, axis=-1) == targets
+        # the target is the greedy token iff its logit is the row's max (an exact tie aside): XLA:CPU's argmax is a
+        # slow variadic reduce, a max is not
+        return losses, target_logit >= jnp.max(logits, axis=-1)
 
     return jax.jit(score, out_shardings=out_shardings)
 

@@ -70,6 +70,14 @@ def top_k_cap(top_k: int | None, vocab_size: int) -> int | None:
     return None if not top_k else min(vocab_size, 1 << (top_k - 1).bit_length())
 
 
+def first_argmax(x_BV):
+    """jnp.argmax over the last axis (the first index of the max) as a max and a min: XLA:CPU runs argmax as a
+    variadic reduce, ~5x slower at a vocabulary of 8,192 (45 us of a 330 us batch-1 decode step)."""
+    V = x_BV.shape[-1]
+    hit = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)  # NaN row: V-1
+
+
 def sample(logits_BV, key, step, rows_B, knobs: dict, cap: int | None):
     """One token per row. knobs: traced scalars temperature (0 = greedy), top_k (used when cap is not None) and
     top_p (1 = off). Row r at step s draws from fold_in(fold_in(key, s), r): reproducible and independent rows.
@@ -103,8 +111,7 @@ def sample(logits_BV, key, step, rows_B, knobs: dict, cap: int | None):
 
         return jax.lax.cond(top_p < 1, sorted_nucleus, lambda x: inverse_cdf(jax.nn.softmax(x, axis=-1)), logits)
 
-    greedy = lambda logits: jnp.argmax(logits, axis=-1)  # noqa: E731
-    return jax.lax.cond(temperature == 0, greedy, draw, logits_BV.astype(jnp.float32)).astype(jnp.int32)
+    return jax.lax.cond(temperature == 0, first_argmax, draw, logits_BV.astype(jnp.float32)).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

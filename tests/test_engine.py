@@ -9,7 +9,7 @@ from nanojax import gpt
 from nanojax import mesh as meshlib
 from nanojax.common import UserError
 from nanojax.config import GPTConfig
-from nanojax.engine import Engine, FORCED_SLOTS, sample, top_k_cap
+from nanojax.engine import Engine, FORCED_SLOTS, first_argmax, sample, top_k_cap
 from tokenizer import Tokenizer
 
 VOCAB = 300
@@ -142,6 +142,14 @@ def test_num_samples_rows_are_independent(engines):
 
 
 _sample = jax.jit(sample, static_argnames=("cap",))
+
+
+def test_first_argmax_equals_argmax_ties_included():
+    x = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32)
+    x[1, [7, 250]] = 10.0  # a tie: the first index wins, as with argmax
+    x[2, :] = 0.0
+    x[3, -1] = 99.0
+    np.testing.assert_array_equal(jax.jit(first_argmax)(x), np.argmax(x, axis=-1))
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p, expected", [
