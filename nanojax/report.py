@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import html
+import json
+import os
 import re
 
 from pathlib import Path
@@ -62,18 +65,36 @@ def _bloat() -> dict:
             "dependencies (requirements.lock lines)": len(lock.read_text().splitlines()) if lock.exists() else 0}
 
 
+GPU_HOURLY_USD = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # per GPU-hour, rental-style rates for the estimate
+DEFAULT_GPU_HOURLY_USD = 2.00
+
+
+def gpu_hourly_rate(device_kinds: list[str]) -> float:
+    """An estimate of what the node rents for per hour: a rate per GPU by model name, summed."""
+    return sum(next((rate for name, rate in GPU_HOURLY_USD.items() if name in kind.upper()), DEFAULT_GPU_HOURLY_USD)
+               for kind in device_kinds)
+
+
+def _ram_gib():
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return "unknown"
+
+
 def header() -> str:
-    import os
     import platform
     import sys
     info = {"git branch": git("rev-parse", "--abbrev-ref", "HEAD"), "git commit": git("rev-parse", "--short", "HEAD"),
             "git dirty": bool(git("status", "--porcelain")), "platform": platform.platform(),
-            "CPUs": os.cpu_count(), "python": sys.version.split()[0]}
+            "CPUs": os.cpu_count(), "RAM (GiB)": _ram_gib(), "python": sys.version.split()[0]}
     try:
         import jax
         devices = jax.devices()
         info.update({"jax": jax.__version__, "backend": jax.default_backend(), "devices": len(devices),
                      "device kind": devices[0].device_kind})
+        if jax.default_backend() == "gpu":
+            info["GPU hourly rate (USD, estimate)"] = f"{gpu_hourly_rate([d.device_kind for d in devices]):.2f}"
     except Exception as e:  # a report must not fail for lack of an accelerator
         info["jax"] = f"unavailable ({e})"
     return render_section("Header", [info, "### Bloat", _bloat()])
@@ -125,7 +146,54 @@ def summary(d) -> str:
     if len(stamps) > 1:
         seconds = (max(stamps) - min(stamps)).total_seconds()
         lines += ["", f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m"]
+        rate = _fields(read("Header")).get("GPU hourly rate (USD, estimate)")
+        if rate:
+            lines += [f"Estimated cost: ${float(rate) * seconds / 3600:.2f} (wall clock x ${rate}/hour for the node)"]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plots: a training run's metrics.jsonl as an SVG line chart (no plotting dependency).
+
+def plot_metrics(metrics_path, out_path, title: str) -> bool:
+    """Train loss (left axis) and val bpb (right axis) against step; False when there is nothing to plot."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    series = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None] for key in ("loss", "val_bpb")}
+    if not series["loss"]:
+        return False
+    W, H, L, R, T, B = 640, 320, 60, 60, 30, 40  # size and margins
+    steps = [s for points in series.values() for s, _ in points]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    x = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+             f'font-size="11"><rect width="{W}" height="{H}" fill="white"/>',
+             f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
+             f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+             f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">step</text>']
+    for i in range(5):
+        s = x0 + (x1 - x0) * i / 4
+        parts.append(f'<text x="{x(s):.1f}" y="{H - B + 14}" text-anchor="middle">{s:.0f}</text>')
+    for (key, colour, side) in (("loss", "#1f77b4", "left"), ("val_bpb", "#d62728", "right")):
+        points = series[key]
+        if not points:
+            continue
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        hi = hi if hi > lo else lo + 1
+        y = lambda v: T + (hi - v) / (hi - lo) * (H - T - B)  # noqa: E731
+        ax = L if side == "left" else W - R
+        anchor, dx = ("end", -4) if side == "left" else ("start", 4)
+        parts.append(f'<line x1="{ax}" y1="{T}" x2="{ax}" y2="{H - B}" stroke="{colour}"/>')
+        for v in (lo, (lo + hi) / 2, hi):
+            parts.append(f'<text x="{ax + dx}" y="{y(v) + 4:.1f}" text-anchor="{anchor}" fill="{colour}">{v:.3f}</text>')
+        label = "train loss" if key == "loss" else "val bpb"
+        parts.append(f'<text x="{ax}" y="{T - 6}" text-anchor="middle" fill="{colour}">{label}</text>')
+        path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
+        marker = "" if len(points) > 1 else f'<circle cx="{x(points[0][0]):.1f}" cy="{y(points[0][1]):.1f}" r="3" fill="{colour}"/>'
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>{marker}')
+    parts.append("</svg>")
+    with atomic_write(Path(out_path), "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return True
 
 
 def generate() -> str:

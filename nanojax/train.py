@@ -357,7 +357,14 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
     if start_step:
         summary["resumed from step"] = start_step
     from nanojax import report
-    report.log(stage.report_section, [{k: v for k, v in asdict(cfg).items()}, summary])
+    plot = []  # the loss curve, in the run directory and beside the report (linked by absolute path: both copies work)
+    if jax.process_index() == 0 and metrics_path.exists():
+        svg = subdir("report") / f"{report.slug(stage.report_section)}-loss.svg"
+        if report.plot_metrics(metrics_path, svg, f"{stage.report_section}: {run_dir.name}"):
+            with atomic_write(run_dir / "loss.svg", "w") as f:
+                f.write(svg.read_text())
+            plot = [f"![train loss and val bpb]({svg})"]
+    report.log(stage.report_section, [{k: v for k, v in asdict(cfg).items()}, summary] + plot)
     with atomic_write(run_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print0("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
