@@ -37,12 +37,19 @@ ADAM_B1, ADAM_B2, ADAM_EPS = 0.8, 0.95, 1e-10
 # ----------------------------------------------------------------------------------------------------------------------
 # Orthogonalisation
 
-def newton_schulz(G, steps: int = 5, coeffs=QUINTIC_COEFFS, *, dtype=None, norm_safety: float = 1.0):
+def newton_schulz(G, steps: int = 5, coeffs=QUINTIC_COEFFS, *, dtype=None, norm_safety: float = 1.0,
+                  gram: bool | None = None):
     """Approximately orthogonalise a matrix: G = U S V^T -> ~U V^T (singular values pushed towards 1).
 
     `coeffs` is one (a, b, c) for every iteration, or a sequence of per-iteration triples (the last one repeats).
     Each iteration is X <- a X + (b A + c A^2) X with A = X X^T, on the smaller Gram side. `dtype` is the working
     precision (bf16 is fine: the iteration is self-correcting); the result has G's dtype.
+
+    gram (None = when the working dtype is fp32 and the matrix is at least twice as wide as tall): the same iterations
+    carried out on the m x m Gram matrix alone. P = a I + b A + c A^2 is a polynomial in A, so it commutes with A and
+    the next Gram matrix is P A P = P^2 A; the result is (P_5 ... P_1) X. That is 4 m^3 per iteration plus 2 m^2 n
+    once, instead of (2 m^2 n + m^3) per iteration: ~40% fewer FLOPs for the 4:1 MLP matrices (fp32 only: squaring
+    the Gram matrix in bf16 would lose its small eigenvalues).
     """
     per_step = jnp.asarray(coeffs, jnp.float32).reshape(-1, 3)
     per_step = per_step[jnp.minimum(jnp.arange(steps), per_step.shape[0] - 1)]  # (steps, 3)
@@ -51,15 +58,25 @@ def newton_schulz(G, steps: int = 5, coeffs=QUINTIC_COEFFS, *, dtype=None, norm_
     X = X.astype(jnp.float32)
     X = X / (jnp.linalg.norm(X) * norm_safety + 1e-7)  # spectral norm <= Frobenius norm <= 1
     X = X.astype(dtype or G.dtype)
+    m, n = X.shape
+    if gram is None:
+        gram = X.dtype == jnp.float32 and n >= 2 * m
 
-    def iteration(i, X):
-        a, b, c = per_step[i].astype(X.dtype)  # keep the whole iteration in the working dtype
+    if gram:
         A = X @ X.T
-        B = b * A + c * (A @ A)
-        return (a * X + B @ X).astype(X.dtype)
-
-    for i in range(steps):  # unrolled: a few matmuls each, faster than a fori_loop on XLA:CPU
-        X = iteration(i, X)
+        eye = jnp.eye(m, dtype=X.dtype)
+        Q = eye
+        for i in range(steps):
+            a, b, c = per_step[i].astype(X.dtype)
+            P = a * eye + b * A + c * (A @ A)
+            Q, A = P @ Q, P @ (P @ A)
+        X = Q @ X
+    else:
+        for i in range(steps):  # unrolled: a few matmuls each, faster than a fori_loop on XLA:CPU
+            a, b, c = per_step[i].astype(X.dtype)  # keep the whole iteration in the working dtype
+            A = X @ X.T
+            B = b * A + c * (A @ A)
+            X = (a * X + B @ X).astype(X.dtype)
     return (X if wide else X.T).astype(G.dtype)
 
 

@@ -51,6 +51,26 @@ def test_orthogonalization_is_close_to_semi_orthogonal(shape, ns, dtype):
     assert np.linalg.norm(np.asarray(X) - U @ Vt) / np.linalg.norm(U @ Vt) < 0.3
 
 
+@pytest.mark.parametrize("ns", ["newton-schulz", "polar-express"])
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64)])
+def test_gram_form_equals_the_plain_iterations(ns, shape):
+    """The fp32 Gram-matrix form (used for wide matrices) against the plain iterations: a random matrix and a
+    gradient-like one (low rank plus noise, with tiny singular values)."""
+    rng = np.random.default_rng(5)
+    coeffs, safety = optim.NS_METHODS[ns]
+    low_rank = rng.standard_normal((shape[0], 4)) @ rng.standard_normal((4, shape[1])) + 0.01 * rng.standard_normal(shape)
+    for G in (rng.standard_normal(shape), low_rank):
+        G = jnp.asarray(G, jnp.float32)
+        plain = optim.newton_schulz(G, 5, coeffs, norm_safety=safety, gram=False)
+        gram = optim.newton_schulz(G, 5, coeffs, norm_safety=safety, gram=True)
+        bf16 = optim.newton_schulz(G, 5, coeffs, norm_safety=safety, dtype=jnp.bfloat16)  # what nanochat runs
+        error = lambda X: float(jnp.linalg.norm(X - plain) / jnp.linalg.norm(plain))  # noqa: E731
+        assert error(gram) < 5e-3 and error(gram) < error(bf16) / 4, (error(gram), error(bf16))
+        np.testing.assert_array_equal(optim.newton_schulz(G, 5, coeffs, norm_safety=safety), gram)  # the default
+    square = jnp.asarray(rng.standard_normal((32, 32)), jnp.float32)  # not wide enough to gain: plain
+    np.testing.assert_array_equal(optim.newton_schulz(square), optim.newton_schulz(square, gram=False))
+
+
 def test_polar_express_is_tighter_than_the_quintic():
     G = jnp.asarray(np.random.default_rng(1).standard_normal((32, 128)), jnp.float32)
     quintic = singular_values(optim.newton_schulz(G))
