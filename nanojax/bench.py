@@ -37,14 +37,14 @@ def _dtype(name):
     return compute_dtype() if name is None else {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def _train_parts(args, mesh, dtype):
+def _train_parts(args, mesh, dtype, for_accelerator=False):
     """The real train step of nanojax.train for this config, and its sharded abstract arguments."""
     import jax
     from nanojax.config import TrainConfig
     from nanojax.train import build_step, stacked_batch_sharding
 
     cfg = _model(args)
-    parts = build_step(cfg, TrainConfig(remat=args.remat), mesh, 1000, dtype)
+    parts = build_step(cfg, TrainConfig(remat=args.remat), mesh, 1000, dtype, for_accelerator)
     rows = args.device_batch_size * mesh.devices.size
     batch = jax.ShapeDtypeStruct((1, rows, args.max_seq_len), "int32", sharding=stacked_batch_sharding(mesh))
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)
@@ -98,7 +98,7 @@ def bench_memory(args) -> dict:
 
     mesh = meshlib.make_mesh(args.mesh)
     dtype = _dtype(args.dtype)
-    cfg, _, step, _, _, abstract_args = _train_parts(args, mesh, dtype)
+    cfg, _, step, _, _, abstract_args = _train_parts(args, mesh, dtype, for_accelerator=True)  # a GPU's program
     t0 = time.time()
     compiled = step.lower(*abstract_args).compile()
     mem = compiled.memory_analysis()

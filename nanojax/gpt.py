@@ -5,8 +5,8 @@ before the MLP, on q and k (after RoPE) and before the head. RoPE theta 10,000 (
 attention, ReLU^2 MLP of width 4D, no biases, untied embedding and head, fp32 logits soft-capped 15*tanh(x/15).
 
 The layers' weights are stacked on a leading axis (Muon vmaps over it) and run with lax.scan on accelerators, so compile
-time does not grow with depth; on CPUs a Python loop over the layers is ~6% faster per step (no stacked-gradient
-updates) and compiles quickly at CPU sizes. Master weights are fp32; matmuls run in `dtype` (bf16 on GPUs), weights cast at use.
+time does not grow with depth; on CPUs without remat a Python loop over the layers is ~6% faster per step (no
+stacked-gradient updates) and compiles quickly at CPU sizes. Master weights are fp32; matmuls run in `dtype` (bf16 on GPUs), weights cast at use.
 
 Entry points: forward (logits) and loss / token_losses (training) over whole sequences; for inference, cached_forward
 (prefill and decode over a DecodeCache, from init_decode_cache) runs the same layers from decode_params(params).
@@ -261,7 +261,8 @@ softcapped_cross_entropy.defvjp(_softcapped_ce_fwd, _softcapped_ce_bwd)
 def hidden_states(params, tokens_BT, cfg: GPTConfig, *, dtype=jnp.float32, constrain: Callable | None = None,
                   remat=True, attn_impl: str | None = None, scan_layers: bool | None = None):
     """Final normed hidden states (B, T, D) in `dtype`, before lm_head (the loss chunks over the head itself).
-    scan_layers: lax.scan over the stacked layers, or a Python loop; None = scan except on CPUs (module docstring)."""
+    scan_layers: lax.scan over the stacked layers, or a Python loop; None = scan, except on CPUs without remat (module
+    docstring). The loop never rematerialises: unrolled, XLA is free to run every recomputation early and keep it."""
     constrain = constrain or _identity
     impl = attn_impl or _attention_impl(dtype, cfg.head_dim)
     if impl not in ("xla", "cudnn"):
@@ -276,11 +277,12 @@ def hidden_states(params, tokens_BT, cfg: GPTConfig, *, dtype=jnp.float32, const
 
     x = _embed(params, tokens_BT, dtype, constrain)
     if scan_layers is None:
-        scan_layers = jax.default_backend() != "cpu"
+        scan_layers = jax.default_backend() != "cpu" or remat not in (False, None)
     if scan_layers:
         x, _ = jax.lax.scan(_remat(block, remat), x, params["blocks"])
     else:
-        block = _remat(block, remat)
+        if remat not in (False, None):
+            raise UserError("remat needs the scanned layers (scan_layers=True or None)")
         for i in range(cfg.depth):
             x, _ = block(x, jax.tree.map(lambda w: w[i], params["blocks"]))
     return constrain(rms_norm(x), ("batch", "seq", "embed"))

@@ -44,14 +44,15 @@ def stacked_batch_sharding(mesh):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *meshlib.batch_sharding(mesh).spec))
 
 
-def make_train_step(model_cfg: GPTConfig, tx, mesh, param_sh, opt_sh, dtype, remat=True):
+def make_train_step(model_cfg: GPTConfig, tx, mesh, param_sh, opt_sh, dtype, remat=True, scan_layers=None):
     """A jitted step over a stack of micro-batches (A, B, T): grads are summed over all target tokens of all
     micro-batches and divided once by their count, so accumulation equals one big batch."""
     constrain = meshlib.constrain_fn(mesh)
     batch_sh = stacked_batch_sharding(mesh)
 
     def summed_loss(params, inputs, targets):
-        nats = gpt.token_losses(params, inputs, targets, model_cfg, dtype=dtype, constrain=constrain, remat=remat)
+        nats = gpt.token_losses(params, inputs, targets, model_cfg, dtype=dtype, constrain=constrain, remat=remat,
+                                scan_layers=scan_layers)
         return nats.sum(), (targets >= 0).sum()
 
     def step(params, opt_state, inputs_ABT, targets_ABT):
@@ -86,9 +87,11 @@ class StepParts:
     step: Callable        # the jitted train step
 
 
-def build_step(model_cfg: GPTConfig, cfg: TrainConfig, mesh, num_iterations: int, dtype) -> StepParts:
+def build_step(model_cfg: GPTConfig, cfg: TrainConfig, mesh, num_iterations: int, dtype,
+               for_accelerator: bool = False) -> StepParts:
     """The optimizer, the shardings of params and optimizer state, and the jitted step of a run (also what
-    `bench train` and `bench memory` time and compile)."""
+    `bench train` and `bench memory` time and compile). for_accelerator: build the program an accelerator would run
+    (scanned layers, remat "auto" = full) whatever the backend, for `bench memory`'s plan on simulated devices."""
     axes, abstract = gpt.param_axes(model_cfg), gpt.abstract_params(model_cfg)
     param_sh = meshlib.shardings(axes, mesh, abstract)
     tx = optim.make_optimizer(abstract, model_dim=model_cfg.model_dim, num_iterations=num_iterations,
@@ -98,7 +101,9 @@ def build_step(model_cfg: GPTConfig, cfg: TrainConfig, mesh, num_iterations: int
                               param_axes=axes)
     opt_abstract = jax.eval_shape(tx.init, abstract)
     opt_sh = optim.opt_state_shardings(opt_abstract, param_sh, mesh)
-    step = make_train_step(model_cfg, tx, mesh, param_sh, opt_sh, dtype, cfg.remat_policy(jax.default_backend()))
+    backend = "gpu" if for_accelerator else jax.default_backend()
+    step = make_train_step(model_cfg, tx, mesh, param_sh, opt_sh, dtype, cfg.remat_policy(backend),
+                           scan_layers=True if for_accelerator else None)
     return StepParts(abstract, param_sh, tx, opt_abstract, opt_sh, step)
 
 

@@ -319,10 +319,26 @@ def test_scan_and_loop_over_layers_agree(gqa_params, batch, naive):
     _, ref_grads = naive
     values = []
     for scan_layers in (True, False):
-        value, grads = loss_and_grad(gqa_params, *batch, cfg=GQA, chunk=5, scan_layers=scan_layers)
+        value, grads = loss_and_grad(gqa_params, *batch, cfg=GQA, chunk=5, remat=False, scan_layers=scan_layers)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
         values.append(float(value))
     assert values[0] == pytest.approx(values[1], rel=1e-6)
+
+
+def test_remat_saves_memory():
+    """Full remat shrinks XLA's plan: the default picks the scanned layers whenever remat is on (unrolled, XLA would
+    run every recomputation early and keep it all), and the loop refuses remat rather than ignore it."""
+    cfg = GPTConfig.from_depth(4, vocab_size=V, head_dim=32, max_seq_len=256)
+    params = gpt.abstract_params(cfg)
+    tokens = jax.ShapeDtypeStruct((8, 256), jnp.int32)
+    temp = {}
+    for remat in (True, False):
+        grad = jax.jit(jax.grad(lambda p, x: gpt.loss(p, x, x, cfg, remat=remat)))
+        temp[remat] = grad.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+    assert temp[True] < 0.6 * temp[False], temp
+    with pytest.raises(UserError, match="remat needs the scanned layers"):
+        gpt.loss(random_params(GQA), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32), GQA, remat=True,
+                 scan_layers=False)
 
 
 def test_softcapped_cross_entropy_gradient_equals_autodiff():
