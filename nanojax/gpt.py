@@ -6,7 +6,8 @@ attention, ReLU^2 MLP of width 4D, no biases, untied embedding and head, fp32 lo
 
 The layers' weights are stacked on a leading axis (Muon vmaps over it) and run with lax.scan on accelerators, so compile
 time does not grow with depth; on CPUs without remat a Python loop over the layers is ~6% faster per step (no
-stacked-gradient updates) and compiles quickly at CPU sizes. Master weights are fp32; matmuls run in `dtype` (bf16 on GPUs), weights cast at use.
+stacked-gradient updates) and compiles quickly at CPU sizes. Master weights are fp32; matmuls run in `dtype` (bf16 on
+GPUs), weights cast at use.
 
 Entry points: forward (logits) and loss / token_losses (training) over whole sequences; for inference, cached_forward
 (prefill and decode over a DecodeCache, from init_decode_cache) runs the same layers from decode_params(params).

@@ -148,7 +148,8 @@ def summary(d) -> str:
         lines += ["", f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m"]
         rate = _fields(read("Header")).get("GPU hourly rate (USD, estimate)")
         if rate:
-            lines += [f"Estimated cost: ${float(rate) * seconds / 3600:.2f} (wall clock x ${rate}/hour for the node)"]
+            cost = float(rate) * seconds / 3600
+            lines += [f"Estimated cost: ${cost:.2f} (wall clock x ${rate}/hour for the node)"]
     return "\n".join(lines) + "\n"
 
 
@@ -184,12 +185,14 @@ def plot_metrics(metrics_path, out_path, title: str) -> bool:
         anchor, dx = ("end", -4) if side == "left" else ("start", 4)
         parts.append(f'<line x1="{ax}" y1="{T}" x2="{ax}" y2="{H - B}" stroke="{colour}"/>')
         for v in (lo, (lo + hi) / 2, hi):
-            parts.append(f'<text x="{ax + dx}" y="{y(v) + 4:.1f}" text-anchor="{anchor}" fill="{colour}">{v:.3f}</text>')
+            parts.append(f'<text x="{ax + dx}" y="{y(v) + 4:.1f}" text-anchor="{anchor}" '
+                         f'fill="{colour}">{v:.3f}</text>')
         label = "train loss" if key == "loss" else "val bpb"
         parts.append(f'<text x="{ax}" y="{T - 6}" text-anchor="middle" fill="{colour}">{label}</text>')
         path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
-        marker = "" if len(points) > 1 else f'<circle cx="{x(points[0][0]):.1f}" cy="{y(points[0][1]):.1f}" r="3" fill="{colour}"/>'
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>{marker}')
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
+        if len(points) == 1:  # a lone point draws no line
+            parts.append(f'<circle cx="{x(points[0][0]):.1f}" cy="{y(points[0][1]):.1f}" r="3" fill="{colour}"/>')
     parts.append("</svg>")
     with atomic_write(Path(out_path), "w") as f:
         f.write("\n".join(parts) + "\n")
