@@ -41,6 +41,17 @@ class LoaderState:
         return cls(d["epoch"], d["group"], d["doc"], [tuple(r) for r in d["buffer"]])
 
 
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put into a bounded queue unless the reader is stopped first (a plain put could block close() forever)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
 class PackedLoader:
     """Yields int32 arrays of shape (rows, T+1) for this process; `rows` is the process-local batch."""
 
@@ -56,6 +67,7 @@ class PackedLoader:
         self._queue = None
         self._exhausted = False
         self._stop = threading.Event()
+        self._thread = None
         if self._state.buffer:
             self._buffer = self._load_refs(self._state.buffer)
         self._start_reader()
@@ -76,11 +88,20 @@ class PackedLoader:
         return [_Doc(t, (g, i)) for t, (g, i) in zip(tokens, refs)]
 
     def _start_reader(self):
-        self._stop.set()
+        self._stop_reader()
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
         args = (self._state.epoch, self._state.group, self._state.doc, self._queue, self._stop)
-        threading.Thread(target=self._read, args=args, daemon=True, name="nanojax-loader").start()
+        self._thread = threading.Thread(target=self._read, args=args, daemon=True, name="nanojax-loader")
+        self._thread.start()
+
+    def _stop_reader(self):
+        """Stop the reader and wait for it: a daemon thread left inside pyarrow or the tokenizer when the interpreter
+        exits can abort the process ("terminate called without an active exception") after all work is saved."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)  # it checks the flag between row groups and while the queue is full
+        self._thread = None
 
     def _read(self, epoch, start_group, start_doc, q, stop):
         """Producer: (epoch, group, first_doc_index, token lists) per row group, forever (or one epoch)."""
@@ -92,13 +113,7 @@ class PackedLoader:
                     seen = True
                     first = start_doc if g == start_group else 0
                     item = (epoch, g, first, self._encode(texts[first:]) if first < len(texts) else [])
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
+                    if not _put(q, item, stop):
                         return
                 if not seen and start_group == 0:
                     if self.world > 1:  # a small split (say, one val shard) with fewer row groups than processes:
@@ -106,11 +121,11 @@ class PackedLoader:
                         continue
                     raise RuntimeError(f"data source {self.source!r} split {self.split!r} has no documents")
                 if not self.loop:
-                    q.put(None)
+                    _put(q, None, stop)
                     return
                 epoch, start_group, start_doc = epoch + 1, 0, 0
         except BaseException as e:  # hand the error to the consumer instead of dying silently
-            q.put(e)
+            _put(q, e, stop)
 
     def _pending(self):
         """Documents of the current row group not yet consumed, refilled from the queue."""
@@ -186,4 +201,4 @@ class PackedLoader:
         return st.to_dict()
 
     def close(self):
-        self._stop.set()
+        self._stop_reader()

@@ -105,3 +105,20 @@ def test_split_smaller_than_the_process_count_is_read_whole(tok, corpus):
     lonely = PackedLoader(tok, corpus, "val", rows=2, seq_len=32, rank=5, world=8)
     np.testing.assert_array_equal(solo.next_batch(), lonely.next_batch())
     solo.close(), lonely.close()
+
+
+@pytest.mark.parametrize("loop", [True, False])
+def test_close_waits_for_the_reader_thread(tok, corpus, loop):
+    """A reader left running inside pyarrow or the tokenizer at interpreter exit can abort the process: close()
+    stops and joins it, also when its queue is full and nobody reads (prefetch 1)."""
+    import threading
+    import time
+
+    before = {t for t in threading.enumerate() if t.name == "nanojax-loader"}
+    loader = PackedLoader(tok, corpus, "val", rows=2, seq_len=32, prefetch=1, loop=loop)
+    loader.next_batch()
+    time.sleep(0.3)  # let the reader fill the queue and block on it
+    start = time.time()
+    loader.close()
+    assert time.time() - start < 5
+    assert not [t for t in threading.enumerate() if t.name == "nanojax-loader" and t not in before]
