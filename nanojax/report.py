@@ -77,7 +77,7 @@ def gpu_hourly_rate(device_kinds: list[str]) -> float:
 
 def _ram_gib():
     try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        return f'{os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30:.1f}'  # a string: no .4f
     except (ValueError, OSError, AttributeError):
         return "unknown"
 
