@@ -277,12 +277,13 @@ def hidden_states(params, tokens_BT, cfg: GPTConfig, *, dtype=jnp.float32, const
         return _finish(layer, x, y, dtype, constrain), None
 
     x = _embed(params, tokens_BT, dtype, constrain)
+    rematerialise = remat not in (False, None)
     if scan_layers is None:
-        scan_layers = jax.default_backend() != "cpu" or remat not in (False, None)
+        scan_layers = jax.default_backend() != "cpu" or rematerialise
     if scan_layers:
         x, _ = jax.lax.scan(_remat(block, remat), x, params["blocks"])
     else:
-        if remat not in (False, None):
+        if rematerialise:
             raise UserError("remat needs the scanned layers (scan_layers=True or None)")
         for i in range(cfg.depth):
             x, _ = block(x, jax.tree.map(lambda w: w[i], params["blocks"]))

@@ -55,15 +55,16 @@ def make_train_step(model_cfg: GPTConfig, tx, mesh, param_sh, opt_sh, dtype, rem
                                 scan_layers=scan_layers)
         return nats.sum(), (targets >= 0).sum()
 
+    loss_and_grads = jax.value_and_grad(summed_loss, has_aux=True)
+
     def step(params, opt_state, inputs_ABT, targets_ABT):
         def micro(carry, batch):
             grads, total, count = carry
-            (nats, n), g = jax.value_and_grad(summed_loss, has_aux=True)(params, *batch)
+            (nats, n), g = loss_and_grads(params, *batch)
             return (jax.tree.map(jnp.add, grads, g), total + nats, count + n), None
 
         if inputs_ABT.shape[0] == 1:  # no accumulation: skip the zero-initialised running sum
-            (total, count), grads = jax.value_and_grad(summed_loss, has_aux=True)(params, inputs_ABT[0],
-                                                                                  targets_ABT[0])
+            (total, count), grads = loss_and_grads(params, inputs_ABT[0], targets_ABT[0])
         else:
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, total, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0), (inputs_ABT, targets_ABT))
