@@ -9,7 +9,7 @@ from nanojax import gpt
 from nanojax import mesh as meshlib
 from nanojax.common import UserError
 from nanojax.config import GPTConfig
-from nanojax.engine import Engine, FORCED_SLOTS, first_argmax, sample, top_k_cap
+from nanojax.engine import Engine, FORCED_SLOTS, decode_compiler_options, first_argmax, sample, top_k_cap
 from tokenizer import Tokenizer
 
 VOCAB = 300
@@ -150,6 +150,16 @@ def test_first_argmax_equals_argmax_ties_included():
     x[2, :] = 0.0
     x[3, -1] = 99.0
     np.testing.assert_array_equal(jax.jit(first_argmax)(x), np.argmax(x, axis=-1))
+
+
+def test_decode_programs_leave_out_ynnpack_fusions_on_cpus():
+    """The decode loop compiles without XLA:CPU's YNNPACK fusions (faster at batch 8); other backends get no option."""
+    assert decode_compiler_options("gpu") == {}
+    options = decode_compiler_options("cpu")
+    matmul_exp = lambda a, b: jnp.exp(a @ b).max(-1)  # noqa: E731
+    a, b = jnp.ones((8, 256)), jnp.ones((256, 1024))
+    assert "__ynn_fusion" in jax.jit(matmul_exp).lower(a, b).compile().as_text()  # the default does fuse this
+    assert "__ynn_fusion" not in jax.jit(matmul_exp, compiler_options=options).lower(a, b).compile().as_text()
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p, expected", [
