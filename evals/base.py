@@ -10,11 +10,6 @@ import argparse
 
 from nanojax.common import cli, print0
 
-SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
-                  "If 5*x + 3 = 13, then x is")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m evals.base", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +31,7 @@ def main(argv=None):
     from nanojax import checkpoint, report
     from nanojax import mesh as meshlib
     from nanojax.common import compute_dtype
+    from nanojax.train import SAMPLE_PROMPTS
 
     meshlib.init_distributed()
     mesh = meshlib.make_mesh(args.mesh)

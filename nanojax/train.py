@@ -26,6 +26,12 @@ from nanojax.common import UserError, atomic_write, compute_dtype, format_durati
 from nanojax.config import GPTConfig, TrainConfig
 
 
+# Prompts whose greedy continuations show a base model's progress: in training logs and in evals.base.
+SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
+
+
 @dataclass
 class Stage:
     """What differs between stages; everything else is the loop."""
@@ -34,8 +40,7 @@ class Stage:
     train_batches: Callable                    # (state or None) -> loader with next_inputs_targets(), state(), close()
     val_batches: Callable | None = None        # () -> iterable of (inputs, targets), for bits per byte
     init_params: Callable | None = None        # (model_cfg) -> params; default: fresh init
-    sample_prompts: tuple = ("The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                             "The opposite of hot is", "The planets of the solar system are:")
+    sample_prompts: tuple = SAMPLE_PROMPTS
     extra_meta: dict | None = None
 
 

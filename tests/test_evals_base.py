@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from evals import base as evals_base
+from nanojax.train import SAMPLE_PROMPTS
 from test_cli import WORDS, save_checkpoint, tok  # noqa: F401  (tok is a fixture)
 from test_core import write_bundle
 
@@ -29,7 +30,7 @@ def test_base_eval_reports_bpb_samples_and_a_labelled_partial_core(base_dir, tok
     out = capsys.readouterr().out
     bpb = {split: float(out.split(f"{split} bpb: ")[1].split()[0]) for split in ("train", "val")}
     assert all(math.isfinite(v) and 0 < v < 20 for v in bpb.values())
-    assert out.count("sample: ") == len(evals_base.SAMPLE_PROMPTS)
+    assert out.count("sample: ") == len(SAMPLE_PROMPTS)
     assert "partial CORE (3/22 tasks" in out and "\nCORE:" not in out
     section = (base_dir / "report" / "base-model-evaluation.md").read_text()
     assert "partial CORE (3/22 tasks" in section and "| mc4 |" in section
