@@ -1,6 +1,7 @@
 """common.py: base dir, CLI errors, atomic writes, the one download helper against a loopback HTTP server
 (tests/loopback.py: serves bytes by name on 127.0.0.1, logs every request, can fail a request on purpose), and the
 registry-wheel fetch with a stand-in for pip."""
+import io
 import subprocess
 import sys
 import threading
@@ -142,6 +143,18 @@ def test_cli_turns_user_error_into_one_line_and_exit_2():
             "@cli\ndef main():\n    raise UserError('bad value 7: use 1..3')\nmain()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == "error: bad value 7: use 1..3\n"
+
+
+@pytest.mark.parametrize("tty, interval", [(True, 0.5), (False, 30.0)])
+def test_progress_updates_rarely_into_a_file(monkeypatch, tty, interval):
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+    monkeypatch.setenv("NANOJAX_PROGRESS", "1")
+    monkeypatch.setattr(sys, "stderr", Stream())
+    with common.progress(total=3, desc="work") as bar:
+        bar.update(3)
+    assert bar.mininterval == interval and "work" in sys.stderr.getvalue()
 
 
 def test_format_duration_and_peak_flops_lookup():
