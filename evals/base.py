@@ -10,6 +10,7 @@ import argparse
 
 from nanojax.common import cli, print0
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m evals.base", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
