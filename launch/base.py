@@ -1,4 +1,4 @@
-"""Stage 2: pretrain a base model from the depth dial.
+r"""Stage 2: pretrain a base model from the depth dial.
 
     python -m launch.base --depth 20 --mesh 8 --device-batch-size 32          # 8xH100
     python -m launch.base --depth 2 --mesh 8 --device-batch-size 2 --max-seq-len 256 --total-batch-size 4096 \

@@ -213,6 +213,9 @@ def _finish(layer, x_BTD, y_BTNH, dtype, constrain):
 
 def _embed(params, tokens_BT, dtype, constrain):
     x = jnp.take(params["wte"], tokens_BT, axis=0).astype(dtype)
+    # The lookup's rows keep wte's embed sharding, batch split only over the param replicas: from there to the
+    # activation layout is one all-to-all each way (directly, the partitioner gathered the whole batch on a mixed mesh).
+    x = constrain(x, ("replica_batch", "seq", "embed"))
     return constrain(rms_norm(x), ("batch", "seq", "embed"))
 
 

@@ -30,6 +30,7 @@ PARAM = "<param axis>"
 # same array is skipped: activations (batch, seq, embed) give both axes to batch, so their embed stays whole.
 RULES: dict[str, tuple[str, ...] | str | None] = {
     "batch": ("data", "fsdp"),  # token batches, activations, KV cache rows
+    "replica_batch": ("data",),  # batch over the axis params are replicated on (the embedding lookup's layout)
     "seq": None,
     "embed": PARAM,  # the FSDP / ZeRO-3 dimension of every weight and its optimizer state
     "vocab": None,

@@ -1,5 +1,6 @@
 """nanojax.mesh: --mesh specs, the rules table, shardings that land, and sharded == unsharded results."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def test_activation_and_batch_specs():
     assert meshlib.logical_to_mesh(("batch", "seq", "embed"), m24) == P(("data", "fsdp"))
     assert meshlib.batch_sharding(m24).spec == P(("data", "fsdp"))
     assert meshlib.axis_size("batch", m24) == 8 and meshlib.axis_size("embed", m24) == 4
+    # the embedding lookup's layout: batch over the param replicas only, embed like wte (on data:8, the batch layout)
+    assert meshlib.logical_to_mesh(("replica_batch", "seq", "embed"), m24) == P("data", None, "fsdp")
+    assert meshlib.logical_to_mesh(("replica_batch", "seq", "embed"), m8) == P("data")
     # KV cache rows over the data axes; one row (a single chat) does not split: replicated
     cache_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
     assert meshlib.logical_to_mesh(cache_axes, m8, (2, 8, 32, 2, 8)) == P(None, "data")
@@ -165,6 +169,23 @@ def test_sharded_loss_and_grad_equal_single_device():
         for g, g1, s in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1), jax.tree.leaves(p_shard)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(g1), rtol=1e-4, atol=1e-6)
             assert g.sharding.is_equivalent_to(s, g.ndim)  # gradients come out sharded like the params
+
+
+def test_embedding_lookup_on_a_mixed_mesh_gathers_no_whole_batch():
+    """On data:2,fsdp:4 wte is split along embed over fsdp. Straight from the lookup to the activation layout, the
+    partitioner all-gathered the whole batch of embeddings (its "involuntary full rematerialization" warning); through
+    gpt's intermediate "replica_batch" layout each move is one all-to-all."""
+    from nanojax import gpt
+    from nanojax.config import GPTConfig
+    cfg = GPTConfig.from_depth(2, vocab_size=256, head_dim=32, max_seq_len=32)
+    mesh = meshlib.make_mesh("data:2,fsdp:4")
+    params = gpt.init_params(cfg, 0)
+    params = jax.device_put(params, meshlib.shardings(gpt.param_axes(cfg), mesh, params))
+    tokens = jax.device_put(np.zeros((16, 32), np.int32), meshlib.batch_sharding(mesh))
+    grad = jax.jit(jax.grad(lambda p, x: gpt.loss(p, x, x, cfg, constrain=meshlib.constrain_fn(mesh))))
+    hlo = grad.lower(params, tokens).compile().as_text()
+    gathered = re.findall(r"= \w+\[(\d+),\d+,\d+\]\S* all-gather", hlo)
+    assert "all-to-all" in hlo and all(int(rows) < 16 for rows in gathered), gathered
 
 
 def test_global_batch_single_process():
