@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -97,8 +98,9 @@ def find(stage: str, tag: str | None = None, step: int | None = None) -> tuple[s
     """(tag, step) of a checkpoint: by default the largest depth tag and its latest step, as nanochat picks."""
     available = tags(stage)
     if not available:
-        raise UserError(f"no {stage} checkpoints under {stage_dir(stage)}; train that stage first "
-                        f"(python -m launch.{stage}){_describe_all()}")
+        how = (f"train that stage first (python -m launch.{stage})" if importlib.util.find_spec(f"launch.{stage}")
+               else f"nanojax cannot train the {stage} stage yet")
+        raise UserError(f"no {stage} checkpoints under {stage_dir(stage)}; {how}{_describe_all()}")
     tag = tag or available[-1]
     if tag not in available:
         raise UserError(f"no {stage} checkpoint with tag {tag!r}; found tags: {', '.join(available)}")

@@ -487,8 +487,15 @@ def test_export_round_trip_without_jax(saved, base, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: each a clear error naming what was found.
 
+def test_no_checkpoints_at_all_names_the_command():
+    with pytest.raises(UserError, match=r"no base checkpoints under .*; train that stage first \(python -m launch.base\); "
+                                        r"there are no checkpoints at all yet"):
+        checkpoint.find("base")
+
+
 def test_missing_stage_tag_or_step(saved):
-    with pytest.raises(UserError, match=r"no sft checkpoints .*found: base/d2 \(steps 5\)"):
+    with pytest.raises(UserError, match=r"no sft checkpoints .*; nanojax cannot train the sft stage yet; found: "
+                                        r"base/d2 \(steps 5\)"):
         checkpoint.load("sft")
     with pytest.raises(UserError, match="no base checkpoint with tag 'd9'; found tags: d2"):
         checkpoint.load("base", tag="d9")
