@@ -94,6 +94,26 @@ def first_argmax(x_BV):
     return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)  # NaN row: V-1
 
 
+def top_k_max_first(x_BV, k: int, groups: int = 32):
+    """lax.top_k over the last axis, with each column's maximum moved to the front. XLA:CPU's TopK is a partial sort
+    whose cost is its heap replacements (~300 per row of 8,192 shuffled logits): the column maxima (x[j], x[j + V/g],
+    ... for column j) hold the top k or sit near them, so the heap fills almost finally and the rest rarely enters
+    (batch-8 decode step ~5% faster). Same values and indices as lax.top_k, except which of exactly equal values wins."""
+    B, V = x_BV.shape
+    if V % groups or V < 1024:
+        return jax.lax.top_k(x_BV, k)
+    C = V // groups
+    grid = x_BV.reshape(B, groups, C)
+    col_max = grid.max(axis=1)  # (B, C)
+    rows = jnp.arange(groups, dtype=jnp.int32)[None, :, None]
+    first = jnp.min(jnp.where(grid == col_max[:, None, :], rows, groups), axis=1)  # which row holds it
+    rest = jnp.where(rows == first[:, None, :], -jnp.inf, grid).reshape(B, V)  # every value once: max moved out
+    values, pos = jax.lax.top_k(jnp.concatenate([col_max, rest], axis=1), k)
+    max_index = jnp.minimum(first, groups - 1) * C + jnp.arange(C, dtype=jnp.int32)  # (NaN logits: no true index)
+    index = jnp.where(pos < C, jnp.take_along_axis(max_index, jnp.minimum(pos, C - 1), axis=1), pos - C)
+    return values, index
+
+
 def sample(logits_BV, key, step, rows_B, knobs: dict, cap: int | None):
     """One token per row. knobs: traced scalars temperature (0 = greedy), top_k (used when cap is not None) and
     top_p (1 = off). Row r at step s draws from fold_in(fold_in(key, s), r): reproducible and independent rows.
@@ -115,7 +135,7 @@ def sample(logits_BV, key, step, rows_B, knobs: dict, cap: int | None):
     def draw(logits):
         logits = logits / jnp.maximum(temperature, 1e-6)
         if cap is not None:  # candidates sorted by descending logit; ranks >= top_k are masked out
-            values, index = jax.lax.top_k(logits, cap)
+            values, index = top_k_max_first(logits, cap)
             probs = jax.nn.softmax(jnp.where(jnp.arange(cap) < top_k, values, -jnp.inf), axis=-1)
             probs = jax.lax.cond(top_p < 1, nucleus, lambda p: p, probs)
             return jnp.take_along_axis(index, inverse_cdf(probs)[:, None], axis=-1)[:, 0]

@@ -9,7 +9,8 @@ from nanojax import gpt
 from nanojax import mesh as meshlib
 from nanojax.common import UserError
 from nanojax.config import GPTConfig
-from nanojax.engine import Engine, FORCED_SLOTS, decode_compiler_options, first_argmax, sample, top_k_cap
+from nanojax.engine import (Engine, FORCED_SLOTS, decode_compiler_options, first_argmax, sample, top_k_cap,
+                            top_k_max_first)
 from tokenizer import Tokenizer
 
 VOCAB = 300
@@ -150,6 +151,17 @@ def test_first_argmax_equals_argmax_ties_included():
     x[2, :] = 0.0
     x[3, -1] = 99.0
     np.testing.assert_array_equal(jax.jit(first_argmax)(x), np.argmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("V, k", [(8192, 64), (8192, 1), (1024, 64), (2048, 128), (300, 5)])
+def test_top_k_max_first_equals_lax_top_k(V, k):
+    """Column maxima first, the rest after: the same values and indices, in the same order (300: plain lax.top_k)."""
+    x = np.random.default_rng(V + k).normal(size=(3, V)).astype(np.float32)
+    x[1, :: V // 8] += 5.0  # the top values of one row in a single column
+    values, index = jax.jit(top_k_max_first, static_argnums=1)(x, k)
+    want_values, want_index = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(index, want_index)
+    np.testing.assert_array_equal(values, want_values)
 
 
 def test_decode_programs_leave_out_ynnpack_fusions_on_cpus():
