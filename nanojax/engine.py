@@ -97,9 +97,9 @@ def first_argmax(x_BV):
 def top_k_max_first(x_BV, k: int, groups: int = 32):
     """lax.top_k over the last axis, with each column's maximum moved to the front. XLA:CPU's TopK is a partial sort
     whose cost is its heap replacements (~300 per row of 8,192 shuffled logits): the column maxima (column j is x[j],
-    x[j + C], ... with C = V / groups) hold the top k or sit near them, so the heap fills almost finally and the rest rarely enters
-    (batch-8 decode step ~4% faster). Same values and indices as lax.top_k, except which of exactly equal values wins.
-    Other backends have their own TopK kernels: plain lax.top_k there."""
+    x[j + C], ... with C = V / groups) hold the top k or sit near them, so the heap fills almost finally and the rest
+    rarely enters (batch-8 decode step ~4% faster). Same values and indices as lax.top_k, except which of exactly
+    equal values wins. Other backends have their own TopK kernels: plain lax.top_k there."""
     B, V = x_BV.shape
     if V % groups or V < 1024 or jax.default_backend() != "cpu":
         return jax.lax.top_k(x_BV, k)

@@ -488,8 +488,8 @@ def test_export_round_trip_without_jax(saved, base, tmp_path):
 # Bad input: each a clear error naming what was found.
 
 def test_no_checkpoints_at_all_names_the_command():
-    with pytest.raises(UserError, match=r"no base checkpoints under .*; train that stage first \(python -m launch.base\); "
-                                        r"there are no checkpoints at all yet"):
+    with pytest.raises(UserError, match=r"no base checkpoints under .*; train that stage first "
+                                        r"\(python -m launch.base\); there are no checkpoints at all yet"):
         checkpoint.find("base")
 
 
