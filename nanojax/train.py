@@ -206,7 +206,8 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
                         "--overwrite would delete; pass one of them")
 
     print0(f"{stage.name}: {num_params:,} params, {flops_per_token:.3e} FLOPs/token, mesh {dict(mesh.shape)}, "
-           f"{num_iterations:,} steps x {cfg.total_batch_size:,} tokens (grad accum {grad_accum}), dtype {jnp.dtype(dtype).name}")
+           f"{num_iterations:,} steps x {cfg.total_batch_size:,} tokens (grad accum {grad_accum}), "
+           f"dtype {jnp.dtype(dtype).name}")
 
     # Params and optimizer state, sharded by the rules table, and the jitted step.
     parts = build_step(model_cfg, cfg, mesh, num_iterations, dtype)
