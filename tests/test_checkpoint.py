@@ -505,13 +505,17 @@ def test_missing_stage_tag_or_step(saved):
         checkpoint.load("chat")
 
 
-def test_damaged_checkpoints_are_errors_not_skipped(saved, capsys):
+def test_damaged_checkpoints_are_errors_not_skipped(saved, base, tmp_path, capsys):
     step_dir = checkpoint.tag_dir("base", "d2") / "5"
     data_files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
     for p in data_files:  # truncate every data file of the params item
         p.write_bytes(p.read_bytes()[:16])
     with pytest.raises(UserError, match=r"checkpoint .*/5 is damaged: cannot read its params"):
         checkpoint.load("base")
+    # From the command line: the one-line error and nothing else (no tracebacks from reads still in flight).
+    r = subprocess.run([sys.executable, "-m", "serve.cli", "-i", "base", "-p", "Hi"], capture_output=True, text=True,
+                       env=_env(base, tmp_path / "jax_cache", devices=1), cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint ") and r.stderr.count("\n") == 1, r.stderr
     shutil.rmtree(step_dir / "params")
     with pytest.raises(UserError, match=r"checkpoint .*/5 is damaged: missing params \(found: .*meta"):
         checkpoint.load("base")
