@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanojax.common import cli, print0
+from nanojax.common import check_args, cli, print0
 
 
 def parse_args(argv=None):
@@ -29,6 +29,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args, positive=("max_per_task", "split_tokens", "device_batch_size"))
     from nanojax import checkpoint, report
     from nanojax import mesh as meshlib
     from nanojax.common import compute_dtype

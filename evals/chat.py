@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from nanojax.common import UserError, cli, print0, progress
+from nanojax.common import UserError, check_args, cli, print0, progress
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 SECTIONS = {"base": "Chat evaluation base", "mid": "Chat evaluation mid", "sft": "Chat evaluation sft",
@@ -121,6 +121,8 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args, positive=("max_problems", "batch_size", "num_samples", "max_new_tokens"),
+               non_negative=("temperature", "top_k"))
     from evals.tasks import TASKS, get_task
 
     names = args.task_name.split("|") if args.task_name else list(TASKS)

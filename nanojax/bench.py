@@ -195,7 +195,10 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from nanojax.common import cli
+    from nanojax.common import check_args, cli
+    numbers = ("depth", "vocab_size", "n_kv_head", "max_seq_len", "device_batch_size", "steps", "batch", "prompt_len",
+               "new_tokens", "rows", "seconds", "text_mb")
+    cli(check_args)(args, positive=[n for n in numbers if hasattr(args, n)])
     result = cli(globals()[f"bench_{args.command}"])(args)
     print(json.dumps(result))
 

@@ -43,6 +43,17 @@ def cli(main):
     return wrapper
 
 
+def check_args(args, *, positive=(), non_negative=()):
+    """A UserError for the first of these argparse dests (or dataclass fields) that is set and out of range, named
+    as its flag: `check_args(args, positive=("batch",))` -> "--batch 0: must be a positive number"."""
+    for names, ok, allowed in ((positive, lambda v: v > 0, "a positive number"),
+                               (non_negative, lambda v: v >= 0, "zero or more")):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be {allowed}")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Where everything lives.
 

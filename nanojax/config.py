@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from nanojax.common import UserError
+from nanojax.common import UserError, check_args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -120,6 +120,18 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False              # a fresh run over existing checkpoints deletes them first
+
+    def __post_init__(self):
+        check_args(self, positive=("device_batch_size", "total_batch_size", "max_seq_len", "eval_tokens", "keep",
+                                   "lr_scale"),
+                   non_negative=("embedding_lr", "unembedding_lr", "matrix_lr", "grad_clip", "warmup_ratio",
+                                 "warmdown_ratio", "final_lr_frac"))
+        for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            if getattr(self, name) > 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be between 0 and 1")
+        if self.warmup_ratio + self.warmdown_ratio > 1:
+            raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio} is over 1: "
+                            f"warmup and warmdown together cannot be longer than the run")
 
     def remat_policy(self, backend: str):
         """gpt.py's remat argument: True (recompute everything), False, or a jax.checkpoint_policies name."""

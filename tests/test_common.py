@@ -157,6 +157,16 @@ def test_progress_updates_rarely_into_a_file(monkeypatch, tty, interval):
     assert bar.mininterval == interval and "work" in sys.stderr.getvalue()
 
 
+def test_check_args_names_the_flag_and_the_range():
+    import argparse
+    args = argparse.Namespace(batch=0, top_k=-1, max_problems=None, seconds=2.5)
+    common.check_args(args, positive=("max_problems", "seconds"), non_negative=())  # None (unset) passes
+    with pytest.raises(UserError, match=r"^--batch 0: must be a positive number$"):
+        common.check_args(args, positive=("seconds", "batch"))
+    with pytest.raises(UserError, match=r"^--top-k -1: must be zero or more$"):
+        common.check_args(args, non_negative=("top_k",))
+
+
 def test_format_duration_and_peak_flops_lookup():
     assert common.format_duration(59) == "0m59s" and common.format_duration(3 * 3600 + 120) == "3h02m"
     assert common.peak_flops("NVIDIA GH200 480GB") == 989e12

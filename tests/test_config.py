@@ -3,7 +3,7 @@ import json
 import pytest
 
 from nanojax.common import UserError
-from nanojax.config import GPTConfig
+from nanojax.config import GPTConfig, TrainConfig
 
 
 def test_from_depth_is_nanochats_dial():
@@ -46,6 +46,20 @@ def test_direct_construction_is_validated():
         GPTConfig(**{**good, "model_dim": 4, "head_dim": 1})
     with pytest.raises(UserError, match="softcap"):
         GPTConfig(**good, softcap=0.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("device_batch_size", 0, "--device-batch-size 0: must be a positive number"),
+    ("total_batch_size", -8, "--total-batch-size -8: must be a positive number"),
+    ("keep", 0, "--keep 0: must be a positive number"),
+    ("matrix_lr", -0.1, "--matrix-lr -0.1: must be zero or more"),
+    ("final_lr_frac", 1.5, "--final-lr-frac 1.5: must be between 0 and 1"),
+    ("warmup_ratio", 0.9, r"--warmup-ratio 0.9 \+ --warmdown-ratio 0.2 is over 1"),
+])
+def test_train_config_rejects_out_of_range_values_by_flag(field, value, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**{field: value})
+    TrainConfig(num_iterations=-1, eval_every=0, save_every=-1, grad_clip=0.0)  # the "off" values stay allowed
 
 
 def test_dict_round_trip_through_json():
