@@ -129,6 +129,11 @@ class TrainConfig:
         for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             if getattr(self, name) > 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be between 0 and 1")
+        if self.remat not in ("auto", "full", "none"):
+            import jax  # only to look the policy name up
+            if self.remat.startswith("_") or not hasattr(jax.checkpoint_policies, self.remat):
+                raise UserError(f"--remat {self.remat}: use auto, full, none or a jax.checkpoint_policies name such as "
+                                f"dots_with_no_batch_dims_saveable")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio} is over 1: "
                             f"warmup and warmdown together cannot be longer than the run")

@@ -55,11 +55,13 @@ def test_direct_construction_is_validated():
     ("matrix_lr", -0.1, "--matrix-lr -0.1: must be zero or more"),
     ("final_lr_frac", 1.5, "--final-lr-frac 1.5: must be between 0 and 1"),
     ("warmup_ratio", 0.9, r"--warmup-ratio 0.9 \+ --warmdown-ratio 0.2 is over 1"),
+    ("remat", "bogus", "--remat bogus: use auto, full, none or a jax.checkpoint_policies name"),
 ])
 def test_train_config_rejects_out_of_range_values_by_flag(field, value, message):
     with pytest.raises(UserError, match=message):
         TrainConfig(**{field: value})
     TrainConfig(num_iterations=-1, eval_every=0, save_every=-1, grad_clip=0.0)  # the "off" values stay allowed
+    TrainConfig(remat="dots_with_no_batch_dims_saveable")
 
 
 def test_dict_round_trip_through_json():
