@@ -72,7 +72,7 @@ def decode_compiler_options(platform: str) -> dict:
         return {}
     try:
         jax.jit(lambda x: x + 1, compiler_options=CPU_DECODE_OPTIONS).lower(np.float32(0)).compile()
-    except (jax.errors.JaxRuntimeError, ValueError):  # an XLA without the option
+    except (jax.errors.JaxRuntimeError, ValueError, TypeError):  # an XLA without the option, a jit without the kwarg
         return {}
     return dict(CPU_DECODE_OPTIONS)
 
@@ -190,8 +190,9 @@ class Engine:
         self.params = params
         self._prefill_jit = jax.jit(self._prefill, static_argnames=("cache_len", "cap"))
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        options = decode_compiler_options(platform)
         self._decode_jit = jax.jit(self._decode, static_argnames=("cap",), donate_argnums=(1,),
-                                   compiler_options=decode_compiler_options(platform))
+                                   **({"compiler_options": options} if options else {}))
         self._grow_jit = jax.jit(self._grow, static_argnames=("length",))
         specials = set(tokenizer.special_tokens) if hasattr(tokenizer, "special_tokens") else set()
         self._special = lambda name: tokenizer.encode_special(name) if name in specials else None
