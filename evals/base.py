@@ -67,7 +67,8 @@ def main(argv=None):
     from evals.core import evaluate_core
     result = evaluate_core(model.params, cfg, tok, max_per_task=args.max_per_task, mesh=mesh, dtype=dtype,
                            offline=True if args.offline else None)
-    lines = [f"| {name} | {r['accuracy']:.4f} | {r['centered']:.4f} | {r['n']} |" for name, r in result["tasks"].items()]
+    lines = [f"| {name} | {r['accuracy']:.4f} | {r['centered']:.4f} | {r['n']} |"
+             for name, r in result["tasks"].items()]
     table = "\n".join(["| task | accuracy | centered | examples |", "|---|---|---|---|", *lines])
     print0(table)
     print0(f"{result['label']}: {result['core']:.4f}")

@@ -5,9 +5,9 @@
     python -m evals.chat -i sft -a "GSM8K|HumanEval"     # some tasks
 
 Categorical tasks (ARC-Easy, ARC-Challenge, MMLU): one batched forward over the prompts, argmax over the answer letters'
-tokens only at the last prompt position. Generative tasks (GSM8K, HumanEval, SpellingBee): the engine, greedy by default,
-a problem passes if any of --num-samples completions does (pass@k). ChatCORE = mean over tasks of (acc - baseline) /
-(1 - baseline), baselines 0.25 for the 4-way multiple choice tasks and 0 for the generative ones.
+tokens only at the last prompt position. Generative tasks (GSM8K, HumanEval, SpellingBee): the engine, greedy by
+default, a problem passes if any of --num-samples completions does (pass@k). ChatCORE = mean over tasks of
+(acc - baseline) / (1 - baseline), baselines 0.25 for the 4-way multiple choice tasks and 0 for the generative ones.
 """
 from __future__ import annotations
 

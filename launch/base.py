@@ -47,7 +47,8 @@ def main(argv=None):
         name="base", report_section="Base model training",
         train_batches=lambda state: PackedLoader(tok, cfg.source, "train", rows, cfg.max_seq_len, rank=rank,
                                                  world=world, state=state),
-        val_batches=split_batches(tok, cfg.source, "val", rows, cfg.max_seq_len, cfg.eval_tokens, rank=rank, world=world),
+        val_batches=split_batches(tok, cfg.source, "val", rows, cfg.max_seq_len, cfg.eval_tokens, rank=rank,
+                                  world=world),
     )
     train.run(stage, model_cfg, cfg, tok)
 

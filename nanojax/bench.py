@@ -187,12 +187,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     # The memory plan of an N-device mesh can be made on one CPU: simulate the devices before jax starts.
-    if args.command == "memory" and "jax" not in sys.modules and not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu")):
+    on_gpu = os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu"))
+    if args.command == "memory" and "jax" not in sys.modules and not on_gpu:
         from nanojax.mesh import parse_mesh
         n = 1
         for size in parse_mesh(args.mesh).values():
             n *= size
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+        flag = f"--xla_force_host_platform_device_count={n}"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from nanojax.common import check_args, cli

@@ -146,8 +146,8 @@ class TrainConfig:
         per_pass = self.device_batch_size * self.max_seq_len * num_devices
         if per_pass <= 0 or self.total_batch_size % per_pass:
             raise UserError(f"--total-batch-size {self.total_batch_size} is not a multiple of device batch "
-                            f"{self.device_batch_size} x seq len {self.max_seq_len} x {num_devices} devices = {per_pass} "
-                            f"tokens; pick a total batch size that is")
+                            f"{self.device_batch_size} x seq len {self.max_seq_len} x {num_devices} devices = "
+                            f"{per_pass} tokens; pick a total batch size that is")
         return self.total_batch_size // per_pass
 
     def iterations(self, num_params: int, flops_per_token: float) -> int:

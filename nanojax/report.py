@@ -61,7 +61,8 @@ def _bloat() -> dict:
              if Path(f).suffix in {".py", ".md", ".html", ".toml", ".sh"}]
     text = "".join(f.read_text(errors="replace") for f in files if f.is_file())
     lock = REPO_ROOT / "requirements.lock"
-    return {"characters": len(text), "lines": text.count("\n"), "files": len(files), "tokens (~chars/4)": len(text) // 4,
+    return {"characters": len(text), "lines": text.count("\n"), "files": len(files),
+            "tokens (~chars/4)": len(text) // 4,
             "dependencies (requirements.lock lines)": len(lock.read_text().splitlines()) if lock.exists() else 0}
 
 
@@ -141,8 +142,10 @@ def summary(d) -> str:
         subsets.insert(0, f"{base.get('label', 'CORE')} on {base['max per task']} examples per task")
     if subsets:
         lines += ["", "Subsets, not the full benchmarks: " + "; ".join(subsets) + "."]
-    stamps = [datetime.datetime.strptime(m, "%Y-%m-%d %H:%M:%S") for p in d.glob("*.md") if p.name != "report.md"
-              for m in [line[len("timestamp: "):] for line in p.read_text().splitlines() if line.startswith("timestamp: ")]]
+    prefix = "timestamp: "
+    stamps = [datetime.datetime.strptime(line[len(prefix):], "%Y-%m-%d %H:%M:%S")
+              for p in d.glob("*.md") if p.name != "report.md"
+              for line in p.read_text().splitlines() if line.startswith(prefix)]
     if len(stamps) > 1:
         seconds = (max(stamps) - min(stamps)).total_seconds()
         lines += ["", f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m"]
