@@ -86,12 +86,19 @@ def top_k_cap(top_k: int | None, vocab_size: int) -> int | None:
     return None if not top_k else min(vocab_size, 1 << (top_k - 1).bit_length())
 
 
+def _max_and_first_index(x, axis: int):
+    """The max along `axis` and the first index holding it, as a max and a min: XLA:CPU runs argmax as a variadic
+    reduce, ~5x slower at a vocabulary of 8,192 (45 us of a 330 us batch-1 decode step). No index holds a NaN max:
+    the index is then the axis length."""
+    n = x.shape[axis]
+    top = jnp.max(x, axis=axis, keepdims=True)
+    positions = jnp.arange(n, dtype=jnp.int32).reshape([n if a == axis % x.ndim else 1 for a in range(x.ndim)])
+    return jnp.squeeze(top, axis), jnp.min(jnp.where(x == top, positions, n), axis=axis)
+
+
 def first_argmax(x_BV):
-    """jnp.argmax over the last axis (the first index of the max) as a max and a min: XLA:CPU runs argmax as a
-    variadic reduce, ~5x slower at a vocabulary of 8,192 (45 us of a 330 us batch-1 decode step)."""
-    V = x_BV.shape[-1]
-    hit = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
-    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)  # NaN row: V-1
+    """jnp.argmax over the last axis (the first index of the max), without XLA:CPU's argmax."""
+    return jnp.minimum(_max_and_first_index(x_BV, -1)[1], x_BV.shape[-1] - 1)  # a NaN row: the last index
 
 
 def top_k_max_first(x_BV, k: int, groups: int = 32):
@@ -105,9 +112,8 @@ def top_k_max_first(x_BV, k: int, groups: int = 32):
         return jax.lax.top_k(x_BV, k)
     C = V // groups
     grid = x_BV.reshape(B, groups, C)
-    col_max = grid.max(axis=1)  # (B, C)
+    col_max, first = _max_and_first_index(grid, 1)  # (B, C) each: a column's max and the row holding it
     rows = jnp.arange(groups, dtype=jnp.int32)[None, :, None]
-    first = jnp.min(jnp.where(grid == col_max[:, None, :], rows, groups), axis=1)  # which row holds it
     rest = jnp.where(rows == first[:, None, :], -jnp.inf, grid).reshape(B, V)  # every value once: max moved out
     values, pos = jax.lax.top_k(jnp.concatenate([col_max, rest], axis=1), k)
     max_index = jnp.minimum(first, groups - 1) * C + jnp.arange(C, dtype=jnp.int32)  # (NaN logits: no true index)
