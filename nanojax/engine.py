@@ -18,8 +18,8 @@ How it runs:
     different lengths end at the same place, each row masking the padding before its own start.
   - Prefill runs each distinct prompt once, padded to a length bucket, then copies it into its samples' rows.
   - Shapes come in buckets, never per length: prompt length a power of two (>= 16), rows a power of two, cache length
-    a power of two (>= 128) that grows as the rows get longer (so attention reads at most ~2x the keys in use), all
-    capped at max_seq_len. Each jitted function compiles once per bucket and top-k size (temperature, top-k, top-p and
+    one of 128, 192, 256, 384, 512, 768, ... (powers of two and 1.5x them), moving to the next when it is full (so
+    attention reads at most 1.5x the keys in use), all capped at max_seq_len. Each jitted function compiles once per bucket and top-k size (temperature, top-k, top-p and
     the seed are traced values); `engine.compilations` counts traces.
   - Decoding runs on the device: a lax.while_loop of up to `chunk` steps per call that stops early when every row is
     done, when a row samples <|python_end|> (Python then runs the calculator and queues <|output_start|> result
@@ -57,12 +57,22 @@ CACHE_AXES = ("batch", "seq", "head_dim")  # one layer's cache: (rows x kv heads
 DEFAULT_STOPS = ("<|assistant_end|>", "<|bos|>")
 # XLA:CPU's YNNPACK fusions cost the batch-8 decode step ~8% on a 2-core CPU (equal at batch 1): the decode loop
 # turns them off. Prefill, with its (rows x prompt) matmuls, keeps the default.
-CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_prefer_vector_width": 512}
 
 
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
     """The smallest power of two >= n (at least `minimum`), capped at `cap`."""
     return min(cap, max(minimum, 1 << max(0, n - 1).bit_length()))
+
+
+def cache_bucket(n: int, cap: int) -> int:
+    """The cache length for n positions: the smallest of 128, 192, 256, 384, 512, 768, ... >= n, capped at `cap`.
+    Half steps between powers of two: a batch-8 decode step reads its whole cache, so a cache at most 1.5x (not 2x)
+    the keys in use is ~7% faster on a 2-core CPU, for one more decode program per power of two."""
+    length = MIN_CACHE
+    while length < n:
+        length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
+    return min(length, cap)
 
 
 @functools.cache
@@ -101,38 +111,55 @@ def first_argmax(x_BV):
     return jnp.minimum(_max_and_first_index(x_BV, -1)[1], x_BV.shape[-1] - 1)  # a NaN row: the last index
 
 
-def top_k_max_first(x_BV, k: int, groups: int = 32):
-    """lax.top_k over the last axis, with each column's maximum moved to the front. XLA:CPU's TopK is a partial sort
-    whose cost is its heap replacements (~300 per row of 8,192 shuffled logits): the column maxima (column j is x[j],
-    x[j + C], ... with C = V / groups) hold the top k or sit near them, so the heap fills almost finally and the rest
-    rarely enters (batch-8 decode step ~4% faster). Same values and indices as lax.top_k, except which of exactly
-    equal values wins. Other backends have their own TopK kernels: plain lax.top_k there."""
+def top_k_by_columns(x_BV, k: int, groups: int = 8):
+    """lax.top_k over the last axis in two small TopKs. XLA:CPU's TopK is a partial sort whose cost is its scan
+    (~1 ns an element) and its heap replacements (~50 ns each; ~300 per row of 8,192 shuffled logits): ~150 us for a
+    batch-8 decode step. Split each row into `groups` rows of C = V / groups columns: the k largest values lie in the
+    k columns with the largest maxima. So take the top k column maxima, then the top k of those k columns' values:
+    TopKs over ~C and ~groups x k values, each given its columns' maxima first so that the heap starts nearly full of
+    winners (~70 us). Same values and indices as lax.top_k, except which of exactly equal values wins. Other
+    backends have their own TopK kernels, and small shapes gain nothing: plain lax.top_k there."""
     B, V = x_BV.shape
-    if V % groups or V < 1024 or jax.default_backend() != "cpu":
-        return jax.lax.top_k(x_BV, k)
     C = V // groups
-    grid = x_BV.reshape(B, groups, C)
-    col_max, first = _max_and_first_index(grid, 1)  # (B, C) each: a column's max and the row holding it
-    rows = jnp.arange(groups, dtype=jnp.int32)[None, :, None]
-    rest = jnp.where(rows == first[:, None, :], -jnp.inf, grid).reshape(B, V)  # every value once: max moved out
-    values, pos = jax.lax.top_k(jnp.concatenate([col_max, rest], axis=1), k)
-    max_index = jnp.minimum(first, groups - 1) * C + jnp.arange(C, dtype=jnp.int32)  # (NaN logits: no true index)
-    index = jnp.where(pos < C, jnp.take_along_axis(max_index, jnp.minimum(pos, C - 1), axis=1), pos - C)
-    return values, index
+    if V % groups or V < 1024 or C % k or C < 2 * k or jax.default_backend() != "cpu":
+        return jax.lax.top_k(x_BV, k)
+
+    def top_of_grid(grid_BRK):
+        """The top k of a (B, R, k) grid, fed to TopK as the k column maxima then the rest: values, rows, columns."""
+        R = grid_BRK.shape[1]
+        top, row = _max_and_first_index(grid_BRK, 1)
+        rest = jnp.where(jnp.arange(R)[None, :, None] == row[:, None, :], -jnp.inf, grid_BRK).reshape(B, R * k)
+        values, pos = jax.lax.top_k(jnp.concatenate([top, rest], axis=1), k)
+        lead = pos < k  # a column maximum (row[pos]), else rest[pos - k]
+        rows = jnp.where(lead, jnp.take_along_axis(jnp.minimum(row, R - 1), jnp.minimum(pos, k - 1), 1),
+                         (pos - k) // k)
+        return values, rows, jnp.where(lead, pos, (pos - k) % k)
+
+    grid = x_BV.reshape(B, groups, C)  # column c holds x[c], x[c + C], ...
+    _, block, lane = top_of_grid(jnp.max(grid, axis=1).reshape(B, C // k, k))
+    cols = block * k + lane            # (B, k): the columns with the k largest maxima
+    values, row, j = top_of_grid(jnp.take_along_axis(grid, cols[:, None, :], axis=2))
+    return values, row * C + jnp.take_along_axis(cols, j, 1)
 
 
-def sample(logits_BV, key, step, rows_B, knobs: dict, cap: int | None):
-    """One token per row. knobs: traced scalars temperature (0 = greedy), top_k (used when cap is not None) and
-    top_p (1 = off). Row r at step s draws from fold_in(fold_in(key, s), r): reproducible and independent rows.
-    Greedy and nucleus sampling are lax.cond branches, so one program serves every setting of the knobs."""
+def uniforms(key, steps_T, rows_B):
+    """(T, B) uniform draws in [0, 1): row r at step s draws from fold_in(fold_in(key, s), r), so rows are
+    independent and a request is reproducible whatever the chunking. The decode loop draws a whole chunk's at once:
+    XLA:CPU runs each threefry call as a small while loop, ~50 us of a batch-8 step when drawn step by step."""
+    one = lambda s, r: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, s), r))  # noqa: E731
+    return jax.vmap(lambda s: jax.vmap(lambda r: one(s, r))(rows_B))(steps_T)
+
+
+def sample(logits_BV, u_B, knobs: dict, cap: int | None):
+    """One token per row, from its uniform draw u_B (see uniforms). knobs: traced scalars temperature (0 = greedy),
+    top_k (used when cap is not None) and top_p (1 = off). Greedy and nucleus sampling are lax.cond branches, so one
+    program serves every setting of the knobs."""
     temperature, top_k, top_p = knobs["temperature"], knobs["top_k"], knobs["top_p"]
 
     def inverse_cdf(probs_BN):
-        """Index of the first entry whose cumulative mass reaches a uniform draw (one random number per row)."""
+        """Index of the first entry whose cumulative mass reaches the row's uniform draw."""
         cdf = jnp.cumsum(probs_BN, axis=-1)
-        step_key = jax.random.fold_in(key, step)
-        u = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(step_key, r)))(rows_B)
-        u = jnp.maximum(u * cdf[:, -1], jnp.finfo(jnp.float32).tiny)  # never a leading zero-probability entry
+        u = jnp.maximum(u_B * cdf[:, -1], jnp.finfo(jnp.float32).tiny)  # never a leading zero-probability entry
         return jnp.minimum(jnp.sum(cdf < u[:, None], axis=-1), cdf.shape[-1] - 1)
 
     def nucleus(probs_BN):
@@ -142,7 +169,7 @@ def sample(logits_BV, key, step, rows_B, knobs: dict, cap: int | None):
     def draw(logits):
         logits = logits / jnp.maximum(temperature, 1e-6)
         if cap is not None:  # candidates sorted by descending logit; ranks >= top_k are masked out
-            values, index = top_k_max_first(logits, cap)
+            values, index = top_k_by_columns(logits, cap)
             probs = jax.nn.softmax(jnp.where(jnp.arange(cap) < top_k, values, -jnp.inf), axis=-1)
             probs = jax.lax.cond(top_p < 1, nucleus, lambda p: p, probs)
             return jnp.take_along_axis(index, inverse_cdf(probs)[:, None], axis=-1)[:, 0]
@@ -254,15 +281,15 @@ class Engine:
                                                     pos=length, start=start_P[rows_B]))
         key = jax.random.key(seed)
         row_ids = jnp.arange(B, dtype=jnp.int32)
-        token = sample(logits[rows_B, 0], key, 0, row_ids, knobs, cap)
+        token = sample(logits[rows_B, 0], uniforms(key, jnp.zeros((1,), jnp.int32), row_ids)[0], knobs, cap)
         done = jnp.isin(token, stops) | (limit_B <= 1)
         zeros = jnp.zeros((B,), jnp.int32)
         return DecodeState(cache=big, token=token, step=jnp.int32(1), done=done, limit=limit_B, key=key,
                            forced=jnp.zeros((B, FORCED_SLOTS), jnp.int32), forced_len=zeros, forced_pos=zeros)
 
     def _grow(self, state: DecodeState, *, length: int) -> DecodeState:
-        """The same cache in a longer bucket. Caches grow as rows get longer, so attention reads at most about
-        twice the keys in use (a torch engine slices its cache; XLA shapes are static)."""
+        """The same cache in the next bucket. Caches grow as rows get longer, so attention reads at most 1.5x the
+        keys in use (a torch engine slices its cache; XLA shapes are static)."""
         self.compilations += 1
         pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))  # noqa: E731
         cache = state.cache
@@ -273,12 +300,14 @@ class Engine:
         """Up to n_steps (<= chunk) steps on the device. Returns (state, tokens (B, chunk), masks (B, chunk), n)."""
         self.compilations += 1
         B = state.token.shape[0]
-        row_ids = jnp.arange(B, dtype=jnp.int32)
+        steps_T = state.step + jnp.arange(self.chunk, dtype=jnp.int32)
+        u_TB = jax.lax.cond(knobs["temperature"] == 0, lambda: jnp.zeros((self.chunk, B), jnp.float32),
+                            lambda: uniforms(state.key, steps_T, jnp.arange(B, dtype=jnp.int32)))
 
         def step(carry):
             i, st, tokens, masks, _ = carry
             logits, cache = self._forward(params, st.token[:, None], st.cache)
-            sampled = sample(logits[:, 0], st.key, st.step, row_ids, knobs, cap)
+            sampled = sample(logits[:, 0], jax.lax.dynamic_index_in_dim(u_TB, i, keepdims=False), knobs, cap)
             forcing = st.forced_pos < st.forced_len
             forced = jnp.take_along_axis(st.forced, jnp.minimum(st.forced_pos, FORCED_SLOTS - 1)[:, None], 1)[:, 0]
             token = jnp.where(forcing, forced, sampled)
@@ -350,7 +379,7 @@ class Engine:
         n_rows = len(prompts) * num_samples
         B = 1 << (n_rows - 1).bit_length()
         P = 1 << (len(prompts) - 1).bit_length()
-        S = bucket(length + self.chunk, S_max, MIN_CACHE)  # grows by powers of two as the rows get longer
+        S = cache_bucket(length + 1, S_max)  # the next bucket once full
         prompts_PL = np.zeros((P, bucket(length, S_max)), np.int32)
         start_P = np.zeros((P,), np.int32)
         for i, p in enumerate(prompts):
@@ -370,8 +399,8 @@ class Engine:
         python_end = np.int32(tool_ids[1] if tool_ids else -1)
         pos = length  # where the next token is written (the one just sampled)
         while not all(r.done for r in rows):
-            if pos + self.chunk > S and S < S_max:
-                S = bucket(pos + self.chunk, S_max, MIN_CACHE)
+            if pos >= S and S < S_max:  # full: rows end at max_seq_len, so a full S_max cache means done rows
+                S = cache_bucket(pos + 1, S_max)
                 state = self._grow_jit(state, length=S)
             forced = np.zeros((B, FORCED_SLOTS), np.int32)
             forced_len = np.zeros((B,), np.int32)
@@ -537,10 +566,10 @@ def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: i
     n_params = sum(x.size for x in jax.tree.leaves(params))
     weight_bytes = (n_params - cfg.vocab_size * cfg.model_dim + cfg.model_dim) * itemsize  # one embedding row read
     lengths = []  # the cache length each decode step reads (the engine's growth rule)
-    S, pos = bucket(prompt_len + engine.chunk, cfg.max_seq_len, MIN_CACHE), prompt_len
+    S, pos = cache_bucket(prompt_len + 1, cfg.max_seq_len), prompt_len
     while len(lengths) < new_tokens - 1:
-        if pos + engine.chunk > S:
-            S = bucket(pos + engine.chunk, cfg.max_seq_len, MIN_CACHE)
+        if pos >= S:
+            S = cache_bucket(pos + 1, cfg.max_seq_len)
         n = min(engine.chunk, S - pos, new_tokens - 1 - len(lengths))
         lengths += [S] * n
         pos += n
