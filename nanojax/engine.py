@@ -19,12 +19,15 @@ How it runs:
   - Prefill runs each distinct prompt once, padded to a length bucket, then copies it into its samples' rows.
   - Shapes come in buckets, never per length: prompt length a power of two (>= 16), rows a power of two, cache length
     one of 128, 192, 256, 384, 512, 768, ... (powers of two and 1.5x them), moving to the next when it is full (so
-    attention reads at most 1.5x the keys in use), all capped at max_seq_len. Each jitted function compiles once per bucket and top-k size (temperature, top-k, top-p and
-    the seed are traced values); `engine.compilations` counts traces.
+    attention reads at most 1.5x the keys in use), all capped at max_seq_len. Each jitted function compiles once per
+    bucket and top-k size (temperature, top-k, top-p and the seed are traced values); `engine.compilations` counts
+    traces.
   - Decoding runs on the device: a lax.while_loop of up to `chunk` steps per call that stops early when every row is
     done, when a row samples <|python_end|> (Python then runs the calculator and queues <|output_start|> result
     <|output_end|> for that row, which the next call feeds through the same loop with mask 0), or when a row's forced
-    queue needs refilling. Python only streams columns, runs tools and decides when to stop.
+    queue needs refilling. Python only streams columns, runs tools and decides when to stop, and it queues the next
+    call before reading the current one's tokens, so the device does not wait while Python streams (a call queued
+    behind one that stopped for Python takes no step).
   - Sampling: temperature 0 is greedy; else top-k, then top-p (nucleus), then inverse-CDF sampling with one uniform per
     row from key(seed) folded with the step and the row: reproducible, rows independent, whatever the chunking.
   - A row stops at <|assistant_end|> or <|bos|> (override with stop_tokens=), after max_tokens tokens, or when the
@@ -55,8 +58,9 @@ FORCED_SLOTS = 32    # forced tokens handed to the device per call; longer tool 
 STOP_SLOTS = 8       # stop tokens are a fixed-size array, padded with -1, so custom stops do not recompile
 CACHE_AXES = ("batch", "seq", "head_dim")  # one layer's cache: (rows x kv heads, length, head dim)
 DEFAULT_STOPS = ("<|assistant_end|>", "<|bos|>")
-# XLA:CPU's YNNPACK fusions cost the batch-8 decode step ~8% on a 2-core CPU (equal at batch 1): the decode loop
-# turns them off. Prefill, with its (rows x prompt) matmuls, keeps the default.
+# The decode loop's XLA:CPU options, each measured on a 2-core CPU at batch 8: without YNNPACK fusions (~8% faster;
+# equal at batch 1) and with 512-bit vectors in the loops XLA emits itself (~4%; the ISA caps it on other CPUs).
+# Prefill, with its (rows x prompt) matmuls, keeps the defaults.
 CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_prefer_vector_width": 512}
 
 
@@ -77,14 +81,17 @@ def cache_bucket(n: int, cap: int) -> int:
 
 @functools.cache
 def decode_compiler_options(platform: str) -> dict:
-    """CPU_DECODE_OPTIONS on CPUs whose XLA knows them (checked once by compiling a one-op program), else none."""
+    """Those of CPU_DECODE_OPTIONS that this CPU's XLA knows (each checked once by compiling a one-op program)."""
     if platform != "cpu":
         return {}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_DECODE_OPTIONS).lower(np.float32(0)).compile()
-    except (jax.errors.JaxRuntimeError, ValueError, TypeError):  # an XLA without the option, a jit without the kwarg
-        return {}
-    return dict(CPU_DECODE_OPTIONS)
+    known = {}
+    for name, value in CPU_DECODE_OPTIONS.items():
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(np.float32(0)).compile()
+        except (jax.errors.JaxRuntimeError, ValueError, TypeError):  # an XLA without it, a jit without the kwarg
+            continue
+        known[name] = value
+    return known
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -198,6 +205,9 @@ class DecodeState:
     forced: jax.Array      # (B, FORCED_SLOTS) int32: tokens to emit instead of sampling, in order
     forced_len: jax.Array  # (B,) int32: how many of `forced` are valid
     forced_pos: jax.Array  # (B,) int32: how many of them were emitted
+    more: jax.Array        # (B,) bool: more forced tokens wait in Python's queue
+    host: jax.Array        # () bool: the last call stopped for Python (a tool call to run, a queue to refill); no
+                           # call takes a step until Python clears it
 
 
 class _Row:
@@ -285,7 +295,8 @@ class Engine:
         done = jnp.isin(token, stops) | (limit_B <= 1)
         zeros = jnp.zeros((B,), jnp.int32)
         return DecodeState(cache=big, token=token, step=jnp.int32(1), done=done, limit=limit_B, key=key,
-                           forced=jnp.zeros((B, FORCED_SLOTS), jnp.int32), forced_len=zeros, forced_pos=zeros)
+                           forced=jnp.zeros((B, FORCED_SLOTS), jnp.int32), forced_len=zeros, forced_pos=zeros,
+                           more=jnp.zeros((B,), bool), host=jnp.bool_(False))
 
     def _grow(self, state: DecodeState, *, length: int) -> DecodeState:
         """The same cache in the next bucket. Caches grow as rows get longer, so attention reads at most 1.5x the
@@ -296,10 +307,12 @@ class Engine:
         return state.replace(cache=self._constrain_cache(cache.replace(k=tuple(map(pad, cache.k)),
                                                                         v=tuple(map(pad, cache.v)))))
 
-    def _decode(self, params, state: DecodeState, n_steps, knobs, stops, python_end, refill_B, *, cap):
-        """Up to n_steps (<= chunk) steps on the device. Returns (state, tokens (B, chunk), masks (B, chunk), n)."""
+    def _decode(self, params, state: DecodeState, knobs, stops, python_end, *, cap):
+        """Up to `chunk` steps on the device, as many as the cache has room for, none while state.host is set.
+        Returns (state, tokens (B, chunk), masks (B, chunk), n steps taken, state.host)."""
         self.compilations += 1
         B = state.token.shape[0]
+        n_steps = jnp.minimum(self.chunk, state.cache.k[0].shape[1] - state.cache.pos)
         steps_T = state.step + jnp.arange(self.chunk, dtype=jnp.int32)
         u_TB = jax.lax.cond(knobs["temperature"] == 0, lambda: jnp.zeros((self.chunk, B), jnp.float32),
                             lambda: uniforms(state.key, steps_T, jnp.arange(B, dtype=jnp.int32)))
@@ -315,17 +328,17 @@ class Engine:
             live = ~st.done
             done = st.done | jnp.isin(token, stops) | (st.step + 1 >= st.limit)
             # Hand back to Python: a tool call to run, or a forced queue to refill before the row would sample.
-            halt = jnp.all(done) | jnp.any(live & ~forcing & (token == python_end))
-            halt |= jnp.any(~done & refill_B & (forced_pos >= st.forced_len))
-            st = st.replace(cache=cache, token=token, step=st.step + 1, done=done, forced_pos=forced_pos)
+            host = jnp.any(live & ~forcing & (token == python_end))
+            host |= jnp.any(~done & st.more & (forced_pos >= st.forced_len))
+            st = st.replace(cache=cache, token=token, step=st.step + 1, done=done, forced_pos=forced_pos, host=host)
             tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
             masks = jax.lax.dynamic_update_index_in_dim(masks, ~forcing, i, axis=1)
-            return i + 1, st, tokens, masks, halt
+            return i + 1, st, tokens, masks, jnp.all(done) | host
 
         init = (jnp.int32(0), state, jnp.zeros((B, self.chunk), jnp.int32), jnp.zeros((B, self.chunk), bool),
-                jnp.all(state.done))
+                jnp.all(state.done) | state.host)
         n, state, tokens, masks, _ = jax.lax.while_loop(lambda c: (c[0] < n_steps) & ~c[4], step, init)
-        return state, tokens, masks, n
+        return state, tokens, masks, n, state.host
 
     # -- requests ----------------------------------------------------------------------------------------------------
 
@@ -396,31 +409,41 @@ class Engine:
         stop_set = set(stops)
         column = np.asarray(state.token)[:n_rows].tolist()
         yield from self._emit([column], [[1] * n_rows], rows, stop_set, tool_ids)
-        python_end = np.int32(tool_ids[1] if tool_ids else -1)
+        decode = functools.partial(self._decode_jit, self._params, knobs=knobs, stops=stops_arr, cap=cap,
+                                   python_end=np.int32(tool_ids[1] if tool_ids else -1))
         pos = length  # where the next token is written (the one just sampled)
+        call = None
         while not all(r.done for r in rows):
-            if pos >= S and S < S_max:  # full: rows end at max_seq_len, so a full S_max cache means done rows
-                S = cache_bucket(pos + 1, S_max)
-                state = self._grow_jit(state, length=S)
-            forced = np.zeros((B, FORCED_SLOTS), np.int32)
-            forced_len = np.zeros((B,), np.int32)
-            refill = np.zeros((B,), bool)
-            for i, r in enumerate(rows):
-                if r.queue and not r.done:
-                    n = min(len(r.queue), FORCED_SLOTS)
-                    forced[i, :n], forced_len[i], refill[i] = r.queue[:n], n, len(r.queue) > n
-            state = state.replace(forced=jnp.asarray(forced), forced_len=jnp.asarray(forced_len),
-                                  forced_pos=jnp.zeros((B,), jnp.int32))
-            steps = np.int32(min(self.chunk, S - pos))
-            if steps <= 0:  # rows end by max_seq_len (their limit), so the cache always has room: never loop idle
-                raise RuntimeError(f"engine bug: no room in the cache at position {pos} of {S}")
-            state, tokens, masks, n = self._decode_jit(self._params, state, steps, knobs, stops_arr, python_end,
-                                                       refill, cap=cap)
+            if call is None:  # Python's turn: a bigger cache once full, forced tokens from the rows' queues
+                if pos >= S:
+                    if S >= S_max:  # rows end by max_seq_len (their limit): never loop idle
+                        raise RuntimeError(f"engine bug: no room in the cache at position {pos} of {S}")
+                    S = cache_bucket(pos + 1, S_max)
+                    state = self._grow_jit(state, length=S)
+                call = decode(self._hand_over(state, rows))
+            # Queue the next call before reading this one: the device runs on while Python streams. When this call
+            # stops for Python (state.host) or fills the cache, the next one takes no step and Python takes over.
+            upcoming = decode(call[0])
+            _, tokens, masks, n, host = call
             n = int(n)
             pos += n
             tokens = np.asarray(tokens)[:n_rows, :n].T.tolist()
             masks = np.asarray(masks)[:n_rows, :n].T.astype(int).tolist()
             yield from self._emit(tokens, masks, rows, stop_set, tool_ids)
+            state, call = upcoming[0], (None if bool(host) or pos >= S else upcoming)
+
+    def _hand_over(self, state: DecodeState, rows) -> DecodeState:
+        """The state with each live row's queued tokens (up to FORCED_SLOTS of them) to force, host flag cleared."""
+        B = state.token.shape[0]
+        forced = np.zeros((B, FORCED_SLOTS), np.int32)
+        forced_len = np.zeros((B,), np.int32)
+        more = np.zeros((B,), bool)
+        for i, r in enumerate(rows):
+            if r.queue and not r.done:
+                n = min(len(r.queue), FORCED_SLOTS)
+                forced[i, :n], forced_len[i], more[i] = r.queue[:n], n, len(r.queue) > n
+        return state.replace(forced=jnp.asarray(forced), forced_len=jnp.asarray(forced_len),
+                             forced_pos=jnp.zeros((B,), jnp.int32), more=jnp.asarray(more), host=jnp.bool_(False))
 
     def _emit(self, token_columns, mask_columns, rows, stop_set, tool_ids):
         """Advance Python's per-row state over some columns (done rows, tool calls, forced queues) and yield them."""

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nanojax import engine as engine_lib
 from nanojax import gpt
 from nanojax import mesh as meshlib
 from nanojax.common import UserError
@@ -173,6 +174,7 @@ def test_decode_programs_leave_out_ynnpack_fusions_on_cpus():
     """The decode loop compiles without XLA:CPU's YNNPACK fusions (faster at batch 8); other backends get no option."""
     assert decode_compiler_options("gpu") == {}
     options = decode_compiler_options("cpu")
+    assert options == engine_lib.CPU_DECODE_OPTIONS  # this jaxlib knows them all
     matmul_exp = lambda a, b: jnp.exp(a @ b).max(-1)  # noqa: E731
     a, b = jnp.ones((8, 256)), jnp.ones((256, 1024))
     assert "__ynn_fusion" in jax.jit(matmul_exp).lower(a, b).compile().as_text()  # the default does fuse this
@@ -370,3 +372,19 @@ def test_a_long_tool_output_is_fed_across_refills(scripted, tok):
     seqs, masks = scripted.generate_batch([bos], temperature=0)
     assert seqs[0] == [bos, ps] + expr_ids + [pe] + output + [z]
     assert masks[0] == [0] + [1] * (len(expr_ids) + 2) + [0] * len(output) + [1]
+
+
+def test_tool_calls_at_every_offset_of_a_device_call(scripted, tok):
+    """The next device call is queued before Python reads the current one: a tool call (and its forced output)
+    landing at any step of a call, across call boundaries, still comes out exactly once and in order."""
+    bos, ps, pe = tok.bos_id, special(tok, "<|python_start|>"), special(tok, "<|python_end|>")
+    os_, oe, end = special(tok, "<|output_start|>"), special(tok, "<|output_end|>"), special(tok, "<|assistant_end|>")
+    a, z = byte_ids(tok, "aZ")
+    expr = byte_ids(tok, "7*6")
+    output = [os_] + tok.encode("42") + [oe]
+    for filler in range(scripted.chunk - 8, scripted.chunk + 4):
+        body = [a] * filler + [ps] + expr + [pe]
+        scripted.script([bos] + body + [-1] * len(output) + [z, end])
+        seqs, masks = scripted.generate_batch([bos], temperature=0)
+        assert seqs[0] == [bos] + body + output + [z], filler
+        assert masks[0] == [0] + [1] * len(body) + [0] * len(output) + [1], filler
