@@ -202,7 +202,8 @@ def _targets(abstract, shardings):
 
 def _drop_closed_loop_callbacks():
     """After a failed restore, tensorstore reads still in flight call back into Orbax's closed asyncio loop, and each
-    callback's "Event loop is closed" printed a traceback under the one-line error. Drop exactly those (once)."""
+    callback's "Event loop is closed" printed a traceback under the one-line error. Drop exactly those (installed
+    once, before restoring: the checkpointer closes its loop, and callbacks may come, before the error reaches us)."""
     previous = sys.unraisablehook
     if getattr(previous, "nanojax_drops_closed_loop", False):
         return
@@ -218,11 +219,11 @@ def _drop_closed_loop_callbacks():
 def _restore_tree(step_path: Path, item: str, target):
     """One Orbax pytree item onto the shardings carried by `target`'s ShapeDtypeStructs (any mesh)."""
     check_items(step_path, (item,))
+    _drop_closed_loop_callbacks()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(step_path / item, target)
     except Exception as e:  # Orbax/tensorstore raise many kinds; all mean the same to the user
-        _drop_closed_loop_callbacks()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"checkpoint {step_path} is damaged: cannot read its {item} ({type(e).__name__}: "
                         f"{first[:300]}); delete that directory to use an earlier step") from e
