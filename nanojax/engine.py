@@ -256,7 +256,7 @@ class Engine:
         if self.mesh is not None:
             from nanojax import mesh as mesh_lib
             params = jax.device_put(params, mesh_lib.shardings(gpt.param_axes(self.cfg), self.mesh, params))
-        self._params = gpt.decode_params(params)
+        self._params = gpt.decode_params(params, self.cfg)
 
     def _constrain_cache(self, cache: gpt.DecodeCache) -> gpt.DecodeCache:
         """On a mesh, cache rows follow the batch rule of nanojax.mesh (replicated if they do not divide)."""
@@ -414,16 +414,18 @@ class Engine:
         pos = length  # where the next token is written (the one just sampled)
         call = None
         while not all(r.done for r in rows):
-            if call is None:  # Python's turn: a bigger cache once full, forced tokens from the rows' queues
-                if pos >= S:
-                    if S >= S_max:  # rows end by max_seq_len (their limit): never loop idle
-                        raise RuntimeError(f"engine bug: no room in the cache at position {pos} of {S}")
-                    S = cache_bucket(pos + 1, S_max)
-                    state = self._grow_jit(state, length=S)
+            if call is None:  # Python's turn: forced tokens from the rows' queues
+                if pos >= S:  # rows end by max_seq_len (their limit), and caches grow ahead: never loop idle
+                    raise RuntimeError(f"engine bug: no room in the cache at position {pos} of {S}")
                 call = decode(self._hand_over(state, rows))
             # Queue the next call before reading this one: the device runs on while Python streams. When this call
-            # stops for Python (state.host) or fills the cache, the next one takes no step and Python takes over.
-            upcoming = decode(call[0])
+            # stops for Python (state.host), the next one takes no step and Python takes over. A call that may fill
+            # the cache is followed by a bigger cache (padding only, harmless if it stopped early).
+            upcoming = call[0]
+            if pos + self.chunk >= S and S < S_max:
+                S = cache_bucket(S + 1, S_max)
+                upcoming = self._grow_jit(upcoming, length=S)
+            upcoming = decode(upcoming)
             _, tokens, masks, n, host = call
             n = int(n)
             pos += n

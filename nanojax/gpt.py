@@ -10,7 +10,7 @@ stacked-gradient updates) and compiles quickly at CPU sizes. Master weights are 
 GPUs), weights cast at use.
 
 Entry points: forward (logits) and loss / token_losses (training) over whole sequences; for inference, cached_forward
-(prefill and decode over a DecodeCache, from init_decode_cache) runs the same layers from decode_params(params).
+(prefill and decode over a DecodeCache, from init_decode_cache) runs the same layers from decode_params(params, cfg).
 
 Parameters (layout (in, out), used as x @ W):
     wte (V, D); blocks: attn_q (L, D, H*hd), attn_k/attn_v (L, D, KV*hd), attn_o (L, H*hd, D),
@@ -347,7 +347,7 @@ def loss(params, inputs_BT, targets_BT, cfg: GPTConfig, **kw):
 # ----------------------------------------------------------------------------------------------------------------------
 # Cached forward for inference: prefill (T > 1) and decode (T == 1) over a KV cache. Used by nanojax.engine.
 #
-#     dparams = decode_params(params)                      # once per set of weights (the engine casts them first)
+#     dparams = decode_params(params, cfg)                 # once per set of weights (the engine casts them first)
 #     cache = init_decode_cache(cfg, batch, length, dtype).replace(start=start_B)
 #     logits, cache = cached_forward(dparams, prompt_BT, cache, cfg, dtype, last=T - 1)   # prefill
 #     logits, cache = cached_forward(dparams, token_B1, cache, cfg, dtype)                # one decode step
@@ -377,14 +377,17 @@ def init_decode_cache(cfg: GPTConfig, batch: int, length: int, dtype) -> DecodeC
                        pos=jnp.int32(0), start=jnp.zeros((batch,), jnp.int32))
 
 
-def decode_params(params) -> dict:
-    """{"wte", "lm_head", "layers": (layer 0's dict, ...)} from the stacked parameter dict, with q, k and v joined
-    into one matrix "attn_qkv" (one matmul instead of three: small matmuls cost mostly their launch on a CPU)."""
+def decode_params(params, cfg: GPTConfig) -> dict:
+    """{"wte", "lm_head", "layers": (layer 0's dict, ...), "rope": (cos, sin)} from the stacked parameter dict, with
+    q, k and v joined into one matrix "attn_qkv" (one matmul instead of three: small matmuls cost mostly their launch
+    on a CPU), and rope_tables for every position, fp32 (XLA:CPU fuses a step's cos and sin into each of their
+    consumers, recomputed for every element: 16 such fusions cost ~40 us of a batch-8 step; a lookup costs nothing)."""
     b = params["blocks"]
     qkv = jnp.concatenate([b["attn_q"], b["attn_k"], b["attn_v"]], axis=-1)
     layers = tuple({"attn_qkv": qkv[i], "attn_o": b["attn_o"][i], "mlp_fc": b["mlp_fc"][i],
                     "mlp_proj": b["mlp_proj"][i]} for i in range(qkv.shape[0]))
-    return {"wte": params["wte"], "lm_head": params["lm_head"], "layers": layers}
+    rope = rope_tables(jnp.arange(cfg.max_seq_len), cfg.head_dim, cfg.rope_theta, jnp.float32)
+    return {"wte": params["wte"], "lm_head": params["lm_head"], "layers": layers, "rope": rope}
 
 
 def _qkv_joined(layer, x_BTD, cos, sin, cfg: GPTConfig, dtype):
@@ -407,7 +410,7 @@ def cached_forward(dparams, tokens_BT, cache: DecodeCache, cfg: GPTConfig, dtype
     S = cache.k[0].shape[1]
     KV, G, hd = cfg.n_kv_head, cfg.n_head // cfg.n_kv_head, cfg.head_dim
     positions_T = cache.pos + jnp.arange(T, dtype=jnp.int32)
-    cos, sin = rope_tables(positions_T[None, :], hd, cfg.rope_theta, dtype)
+    cos, sin = (jax.lax.dynamic_slice_in_dim(t, cache.pos, T)[None].astype(dtype) for t in dparams["rope"])
     keys_S, queries_Q = jnp.arange(S, dtype=jnp.int32), jnp.repeat(positions_T, G)  # Q = (t, g)
     # R = (b, kv head). A padding query (before its row's start) sees only itself: no all-masked row, no NaN.
     visible_RQS = ((keys_S[None, :] <= queries_Q[:, None])[None]

@@ -211,9 +211,12 @@ cached_forward = jax.jit(gpt.cached_forward, static_argnames=("cfg", "dtype"))
 
 
 def test_decode_params_join_qkv_and_unstack_layers(gqa_params):
-    d = gpt.decode_params(gqa_params)
+    d = gpt.decode_params(gqa_params, GQA)
     b = gqa_params["blocks"]
-    assert set(d) == {"wte", "lm_head", "layers"} and len(d["layers"]) == GQA.depth
+    assert set(d) == {"wte", "lm_head", "layers", "rope"} and len(d["layers"]) == GQA.depth
+    cos, sin = gpt.rope_tables(jnp.arange(7, 9), GQA.head_dim, GQA.rope_theta, jnp.float32)
+    np.testing.assert_array_equal(d["rope"][0][7:9], cos)  # a lookup of what the training forward computes
+    np.testing.assert_array_equal(d["rope"][1][7:9], sin)
     for i, layer in enumerate(d["layers"]):
         assert set(layer) == {"attn_qkv", "attn_o", "mlp_fc", "mlp_proj"}
         assert layer["attn_qkv"].shape == (128, 128 + 64 + 64)  # q (H*hd) | k (KV*hd) | v (KV*hd)
@@ -228,7 +231,7 @@ def test_cached_forward_equals_full_forward(cfg, gqa_params):
     junk), prefilled in two pieces, then 4 decode steps: every real position's logits equal the full forward's over
     that row's own sequence (RoPE sees only relative positions, so the shift changes nothing)."""
     params = gqa_params if cfg is GQA else random_params(cfg, seed=5)
-    dparams = gpt.decode_params(params)
+    dparams = gpt.decode_params(params, cfg)
     steps, S = 4, 24
     rng = np.random.default_rng(1)
     full = jnp.asarray(rng.integers(0, V, (2, T)).astype(np.int32))
@@ -263,7 +266,7 @@ def test_cached_forward_equals_full_forward(cfg, gqa_params):
 
 
 def test_cached_forward_in_bf16(gqa_params, batch):
-    dparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), gpt.decode_params(gqa_params))  # as the engine casts
+    dparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), gpt.decode_params(gqa_params, GQA))  # as the engine casts
     cache = gpt.init_decode_cache(GQA, batch=2, length=T, dtype=jnp.bfloat16)
     logits, cache = cached_forward(dparams, batch[0], cache, cfg=GQA, dtype=jnp.bfloat16)
     assert all(k.dtype == jnp.bfloat16 for k in cache.k + cache.v) and int(cache.pos) == T
