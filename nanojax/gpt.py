@@ -427,8 +427,10 @@ def cached_forward(dparams, tokens_BT, cache: DecodeCache, cfg: GPTConfig, dtype
         k_all = jax.lax.dynamic_update_slice(k_all, heads_first(k, 1).astype(k_all.dtype), at)
         v_all = jax.lax.dynamic_update_slice(v_all, heads_first(v, 1).astype(v_all.dtype), at)
         scores = jnp.einsum("rqh,rsh->rqs", heads_first(q, G), k_all.astype(dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(visible_RQS, scores * (1.0 / math.sqrt(hd)), -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        # QK-norm makes |q| = |k| = sqrt(hd), so a score is at most sqrt(hd) and exp cannot overflow: a softmax
+        # without subtracting the max (its reduction was ~1.5% of a batch-8 CPU step).
+        weights = jnp.where(visible_RQS, jnp.exp(scores * (1.0 / math.sqrt(hd))), 0.0)
+        probs = (weights / jnp.sum(weights, axis=-1, keepdims=True)).astype(dtype)
         y = jnp.einsum("rqs,rsh->rqh", probs, v_all.astype(dtype))
         y = y.reshape(B, KV, T, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, KV * G, hd)
         x = _finish(layer, x, y, dtype, _identity)
