@@ -146,7 +146,8 @@ def bench_decode(args) -> dict:
     from nanojax.engine import benchmark_decode
     return {"bench": "decode", **_device_label(),
             **benchmark_decode(depth=args.depth, vocab_size=args.vocab_size, batch=args.batch,
-                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=_dtype(args.dtype))}
+                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=_dtype(args.dtype),
+                               repeats=args.repeats)}
 
 
 def main(argv=None):
@@ -176,6 +177,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the best one counts")
     p = sub.add_parser("data", help="dataloader tokens/s")
     p.add_argument("--source", default="demo")
     p.add_argument("--rows", type=int, default=32)
@@ -199,7 +201,7 @@ def main(argv=None):
 
     from nanojax.common import check_args, cli
     numbers = ("depth", "vocab_size", "n_kv_head", "max_seq_len", "device_batch_size", "steps", "batch", "prompt_len",
-               "new_tokens", "rows", "seconds", "text_mb")
+               "new_tokens", "repeats", "rows", "seconds", "text_mb")
     cli(check_args)(args, positive=[n for n in numbers if hasattr(args, n)])
     result = cli(globals()[f"bench_{args.command}"])(args)
     print(json.dumps(result))

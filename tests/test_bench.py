@@ -6,6 +6,7 @@ from nanojax import bench
 
 @pytest.mark.parametrize("argv, message", [
     (["decode", "--batch", "0"], "error: --batch 0: must be a positive number\n"),
+    (["decode", "--repeats", "0"], "error: --repeats 0: must be a positive number\n"),
     (["train", "--steps", "-1"], "error: --steps -1: must be a positive number\n"),
     (["data", "--seconds", "0"], "error: --seconds 0.0: must be a positive number\n"),
 ])

@@ -4,7 +4,7 @@
 Same model as `bench decode --depth 4`: model_dim 256, 2 heads of 128, vocab 8192, a 32-token prompt, 256 new tokens.
 
     pip install torch numpy    # not a nanojax dependency
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/baselines/torch_decode.py
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/baselines/torch_decode.py [REPEATS]   # best of 3 by default
 """
 import time, sys, torch, torch.nn as nn, torch.nn.functional as F
 from collections import deque
@@ -84,5 +84,5 @@ def generate(B):
         ids = torch.tensor(column, dtype=torch.long).unsqueeze(1)
     return (N - 1) * B / (time.perf_counter() - t)
 for B in (1, 8):
-    r = max(generate(B) for _ in range(3))
+    r = max(generate(B) for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 3))
     print(f"torch {torch.__version__} batch {B} decode tok/s {r:.0f}")
