@@ -124,7 +124,7 @@ def top_k_by_columns(x_BV, k: int, groups: int = 8):
     batch-8 decode step. Split each row into `groups` rows of C = V / groups columns: the k largest values lie in the
     k columns with the largest maxima. So take the top k column maxima, then the top k of those k columns' values:
     TopKs over ~C and ~groups x k values, each given its columns' maxima first so that the heap starts nearly full of
-    winners (~70 us). Same values and indices as lax.top_k, except which of exactly equal values wins. Other
+    winners (~60 us). Same values and indices as lax.top_k, except which of exactly equal values wins. Other
     backends have their own TopK kernels, and small shapes gain nothing: plain lax.top_k there."""
     B, V = x_BV.shape
     C = V // groups
@@ -286,7 +286,8 @@ class Engine:
         logits, cache = self._forward(params, prompts_PL, cache, last=length - 1)
         KV = self.cfg.n_kv_head
         rows_R = (rows_B[:, None] * KV + jnp.arange(KV)[None, :]).reshape(-1)  # each row's kv heads
-        grow = lambda x: jnp.pad(x[rows_R], ((0, 0), (0, cache_len - L), (0, 0)))  # noqa: E731
+        # Into the cache bucket, which may be shorter than the prompt's (e.g. 192 < 256): only padding is cut.
+        grow = lambda x: jnp.pad(x[rows_R][:, :cache_len], ((0, 0), (0, max(0, cache_len - L)), (0, 0)))  # noqa: E731
         big = self._constrain_cache(gpt.DecodeCache(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
                                                     pos=length, start=start_P[rows_B]))
         key = jax.random.key(seed)
@@ -420,9 +421,11 @@ class Engine:
                 call = decode(self._hand_over(state, rows))
             # Queue the next call before reading this one: the device runs on while Python streams. When this call
             # stops for Python (state.host), the next one takes no step and Python takes over. A call that may fill
-            # the cache is followed by a bigger cache (padding only, harmless if it stopped early).
+            # the cache is followed by a bigger cache (padding only, harmless if it stopped early), unless every row
+            # ends first.
             upcoming = call[0]
-            if pos + self.chunk >= S and S < S_max:
+            longest = max(r.limit for r in rows if not r.done)  # tokens a live row may still emit
+            if pos + self.chunk >= S and S < S_max and longest > S - pos:
                 S = cache_bucket(S + 1, S_max)
                 upcoming = self._grow_jit(upcoming, length=S)
             upcoming = decode(upcoming)

@@ -10,8 +10,8 @@ from nanojax import gpt
 from nanojax import mesh as meshlib
 from nanojax.common import UserError
 from nanojax.config import GPTConfig
-from nanojax.engine import (Engine, FORCED_SLOTS, decode_compiler_options, first_argmax, sample, top_k_cap,
-                            top_k_by_columns, uniforms)
+from nanojax.engine import (Engine, FORCED_SLOTS, cache_bucket, decode_compiler_options, first_argmax, sample,
+                            top_k_by_columns, top_k_cap, uniforms)
 from tokenizer import Tokenizer
 
 VOCAB = 300
@@ -217,6 +217,25 @@ def test_no_recompilation_across_20_requests_within_one_bucket(engines):
     assert engine.compilations == compiles, "a prompt length, seed or sampling knob within a bucket recompiled"
     engine.generate_batch(prompt_of(40), **kw)  # the next prompt bucket (64): new programs
     assert engine.compilations > compiles
+
+
+def test_cache_buckets_and_growth(engines, models, monkeypatch):
+    """Cache lengths step through 128, 192, 256, 384, ...; a cache grows once full, and only if some row goes on."""
+    assert [cache_bucket(n, 2048) for n in (1, 128, 129, 193, 257, 385, 1537, 4000)] == \
+        [128, 128, 192, 256, 384, 512, 2048, 2048]
+    engine = engines["mha"]  # max_seq_len 256
+    grown = []
+    grow = engine._grow_jit
+    monkeypatch.setattr(engine, "_grow_jit", lambda state, length: grown.append(length) or grow(state, length=length))
+    kw = dict(temperature=0, stop_tokens=[])
+    seqs, _ = engine.generate_batch(prompt_of(17), max_tokens=112, **kw)  # the last token sampled at position 127
+    assert len(seqs[0]) == 17 + 112 and grown == []
+    seqs, _ = engine.generate_batch(prompt_of(17), max_tokens=200, **kw)
+    assert len(seqs[0]) == 17 + 200 and grown == [192, 256]
+    prompt = prompt_of(130)  # a prompt bucket of 256, a cache bucket of 192: the prefill cuts padding only
+    seqs, _ = engine.generate_batch(prompt, max_tokens=70, **kw)
+    assert len(seqs[0]) == 200 and grown == [192, 256, 256]
+    assert_greedy(seqs[0], 130, *reversed(models["mha"]))
 
 
 def test_max_seq_len_bounds_generation(engines):
