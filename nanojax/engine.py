@@ -191,6 +191,12 @@ def sample(logits_BV, u_B, knobs: dict, cap: int | None):
     return jax.lax.cond(temperature == 0, first_argmax, draw, logits_BV.astype(jnp.float32)).astype(jnp.int32)
 
 
+def _to_length(x_RSH, length: int):
+    """One layer's cache (rows x kv heads, positions, head dim) zero-padded, or cut, to `length` positions. Only
+    padding is ever cut: a prompt's bucket can be longer than its first cache bucket (256 and 192 for 130 tokens)."""
+    return jnp.pad(x_RSH[:, :length], ((0, 0), (0, max(0, length - x_RSH.shape[1])), (0, 0)))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Device state between decode calls.
 
@@ -286,8 +292,7 @@ class Engine:
         logits, cache = self._forward(params, prompts_PL, cache, last=length - 1)
         KV = self.cfg.n_kv_head
         rows_R = (rows_B[:, None] * KV + jnp.arange(KV)[None, :]).reshape(-1)  # each row's kv heads
-        # Into the cache bucket, which may be shorter than the prompt's (e.g. 192 < 256): only padding is cut.
-        grow = lambda x: jnp.pad(x[rows_R][:, :cache_len], ((0, 0), (0, max(0, cache_len - L)), (0, 0)))  # noqa: E731
+        grow = lambda x: _to_length(x[rows_R], cache_len)  # noqa: E731
         big = self._constrain_cache(gpt.DecodeCache(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
                                                     pos=length, start=start_P[rows_B]))
         key = jax.random.key(seed)
@@ -303,7 +308,7 @@ class Engine:
         """The same cache in the next bucket. Caches grow as rows get longer, so attention reads at most 1.5x the
         keys in use (a torch engine slices its cache; XLA shapes are static)."""
         self.compilations += 1
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))  # noqa: E731
+        pad = functools.partial(_to_length, length=length)
         cache = state.cache
         return state.replace(cache=self._constrain_cache(cache.replace(k=tuple(map(pad, cache.k)),
                                                                         v=tuple(map(pad, cache.v)))))
@@ -583,7 +588,17 @@ def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: i
         assert count == new_tokens, (count, new_tokens)
         return first - start, (end - first) / max(1, new_tokens - 1)
 
-    run(0)  # compile
+    calls, decode = [], engine._decode_jit
+
+    def recording(params, state, **kw):  # each decode call: (the cache length it read, the steps it took)
+        length = state.cache.k[0].shape[1]  # read before the call donates `state`
+        out = decode(params, state, **kw)
+        calls.append((length, out[3]))
+        return out
+
+    engine._decode_jit = recording
+    run(0)  # compile, and record what the engine's cache growth read
+    engine._decode_jit = decode
     compiles = engine.compilations
     runs = [run(i + 1) for i in range(repeats)]
     ttft, step = min(r[0] for r in runs), min(r[1] for r in runs)
@@ -593,14 +608,7 @@ def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: i
     itemsize = engine.dtype.itemsize
     n_params = sum(x.size for x in jax.tree.leaves(params))
     weight_bytes = (n_params - cfg.vocab_size * cfg.model_dim + cfg.model_dim) * itemsize  # one embedding row read
-    lengths = []  # the cache length each decode step reads (the engine's growth rule)
-    S, pos = cache_bucket(prompt_len + 1, cfg.max_seq_len), prompt_len
-    while len(lengths) < new_tokens - 1:
-        if pos >= S:
-            S = cache_bucket(pos + 1, cfg.max_seq_len)
-        n = min(engine.chunk, S - pos, new_tokens - 1 - len(lengths))
-        lengths += [S] * n
-        pos += n
+    lengths = [S for S, n in calls for _ in range(int(n))]  # the cache length each decode step read
     cache_len = sum(lengths) / len(lengths)
     kv_bytes = 2 * cfg.depth * batch * cache_len * cfg.n_kv_head * cfg.head_dim * itemsize  # all of it is read
     device = jax.devices()[0]
