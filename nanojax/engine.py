@@ -557,7 +557,8 @@ def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: i
                      prompt_len: int = 32, new_tokens: int = 256, dtype=None, repeats: int = 3, top_k: int = 50,
                      temperature: float = 1.0, seed: int = 0) -> dict:
     """Time to first token and decode tokens/s of a random-init model (after a warm-up that compiles), best of
-    `repeats`. On GPUs also bandwidth utilisation: (weights + KV cache) bytes read per step / step time / peak."""
+    `repeats`, and the rate the step reads its weights and KV cache at ((weights + KV) bytes per step / step time);
+    on GPUs also that rate's share of the device's peak bandwidth."""
     head_dim = 128
     if model_dim is not None:
         if model_dim % head_dim:
@@ -621,6 +622,7 @@ def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: i
         "decode_tok_per_s": round(batch / step, 1), "decode_tok_per_s_per_row": round(1 / step, 1),
         "weight_bytes": int(weight_bytes), "kv_bytes_per_step": int(kv_bytes), "mean_cache_len": round(cache_len, 1),
         "repeats": repeats, "median_step_ms": round(statistics.median(r[1] for r in runs) * 1e3, 4),
+        "read_gb_per_s": round((weight_bytes + kv_bytes) / step / 1e9, 2),  # comparable across machines, unlike ratios
     }
     if peak:
         out["bandwidth_util"] = round((weight_bytes + kv_bytes) / step / peak, 4)
