@@ -614,6 +614,7 @@ def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: i
     kv_bytes = 2 * cfg.depth * batch * cache_len * cfg.n_kv_head * cfg.head_dim * itemsize  # all of it is read
     device = jax.devices()[0]
     peak = peak_bandwidth(device)
+    read_rate = (weight_bytes + kv_bytes) / step  # bytes/s: comparable across machines, unlike ratios to PyTorch
     out = {
         "depth": cfg.depth, "model_dim": cfg.model_dim, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": engine.dtype.name,
@@ -622,8 +623,8 @@ def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: i
         "decode_tok_per_s": round(batch / step, 1), "decode_tok_per_s_per_row": round(1 / step, 1),
         "weight_bytes": int(weight_bytes), "kv_bytes_per_step": int(kv_bytes), "mean_cache_len": round(cache_len, 1),
         "repeats": repeats, "median_step_ms": round(statistics.median(r[1] for r in runs) * 1e3, 4),
-        "read_gb_per_s": round((weight_bytes + kv_bytes) / step / 1e9, 2),  # comparable across machines, unlike ratios
+        "read_gb_per_s": round(read_rate / 1e9, 2),
     }
     if peak:
-        out["bandwidth_util"] = round((weight_bytes + kv_bytes) / step / peak, 4)
+        out["bandwidth_util"] = round(read_rate / peak, 4)
     return out
