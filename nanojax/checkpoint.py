@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -200,26 +201,37 @@ def _targets(abstract, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
 
 
-def _drop_closed_loop_callbacks():
-    """After a failed restore, tensorstore reads still in flight call back into Orbax's closed asyncio loop, and each
-    callback's "Event loop is closed" printed a traceback under the one-line error. Drop exactly those (installed
-    once, before restoring: the checkpointer closes its loop, and callbacks may come, before the error reaches us)."""
+class _AbandonedReadFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for Orbax's own read tasks: when one read of a damaged
+    checkpoint fails, its siblings may fail after Orbax's loop has stopped, and asyncio logs each one at collection."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "/orbax/checkpoint/" in message)
+
+
+def _quiet_abandoned_reads():
+    """After a failed restore, reads still in flight report through two channels under the one-line error: callbacks
+    into Orbax's closed loop raise "Event loop is closed" (unraisable), and sibling read tasks that failed too are
+    logged by asyncio. Drop exactly those; installed once, before restoring, since they can come before the error
+    reaches us and long after it."""
     previous = sys.unraisablehook
-    if getattr(previous, "nanojax_drops_closed_loop", False):
+    if getattr(previous, "nanojax_quiets_abandoned_reads", False):
         return
 
     def hook(unraisable):
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             previous(unraisable)
 
-    hook.nanojax_drops_closed_loop = True
+    hook.nanojax_quiets_abandoned_reads = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
 
 
 def _restore_tree(step_path: Path, item: str, target):
     """One Orbax pytree item onto the shardings carried by `target`'s ShapeDtypeStructs (any mesh)."""
     check_items(step_path, (item,))
-    _drop_closed_loop_callbacks()
+    _quiet_abandoned_reads()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(step_path / item, target)
