@@ -203,11 +203,13 @@ def _targets(abstract, shardings):
 
 class _AbandonedReadFilter(logging.Filter):
     """Drops asyncio's "Task exception was never retrieved" for Orbax's own read tasks: when one read of a damaged
-    checkpoint fails, its siblings may fail after Orbax's loop has stopped, and asyncio logs each one at collection."""
+    checkpoint fails, its siblings may fail after Orbax's loop has stopped, and asyncio logs each one at collection.
+    Only reads (`async_deserialize` coroutines): an abandoned save would still be logged."""
 
     def filter(self, record):
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "/orbax/checkpoint/" in message)
+        return not (message.startswith("Task exception was never retrieved") and "/orbax/checkpoint/" in message
+                    and "deserialize() " in message)
 
 
 def _quiet_abandoned_reads():

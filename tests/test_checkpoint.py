@@ -520,7 +520,7 @@ def _abandon_failed_task(coro):
     gc.collect()
 
 
-def test_abandoned_orbax_reads_are_not_logged_but_other_tasks_are(caplog):
+def test_abandoned_orbax_reads_are_not_logged_but_saves_and_other_tasks_are(caplog):
     from orbax.checkpoint._src.serialization import serialization
 
     async def ours():
@@ -532,8 +532,10 @@ def test_abandoned_orbax_reads_are_not_logged_but_other_tasks_are(caplog):
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         _abandon_failed_task(serialization.async_deserialize(None, {}))  # fails at once: no sharding
         assert not caplog.records
+        _abandon_failed_task(serialization.async_serialize(None, {}))  # a save: still logged
         _abandon_failed_task(ours())
-    assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved"]
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved"] * 2
+    assert "async_serialize()" in caplog.records[0].getMessage()
 
 
 def test_damaged_checkpoints_are_errors_not_skipped(saved, base, tmp_path, capsys):
