@@ -154,7 +154,8 @@ import os, sys
 
 def _nanojax_sandbox():
     import builtins, io, _io, resource, signal, stat
-    workdir, program, mem, fsize, guard = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    workdir, program, guard = sys.argv[1], sys.argv[2], sys.argv[5] == "1"
+    mem, fsize = int(sys.argv[3]), int(sys.argv[4])
     with open(program, encoding="utf-8") as f:
         source = f.read()
     info = {"netns": False, "uid": os.geteuid()}

@@ -93,5 +93,6 @@ def test_chat_core_centering():
                                            (["-i", "sft", "-a", "MMLU"], "no sft checkpoints")])
 def test_cli_errors(base_dir, args, message):
     env = {"NANOJAX_BASE_DIR": str(base_dir), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "NANOJAX_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "evals.chat", *args], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "evals.chat", *args], capture_output=True, text=True, env=env,
+                       timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -47,7 +47,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(s):
         super().__init__()
-        s.wte = nn.Embedding(V, D); s.blocks = nn.ModuleList(Block(i) for i in range(depth)); s.head = nn.Linear(D, V, bias=False)
+        s.wte = nn.Embedding(V, D); s.blocks = nn.ModuleList(Block(i) for i in range(depth))
+        s.head = nn.Linear(D, V, bias=False)
     def forward(s, idx, cache):
         T = idx.size(1); t0 = cache.pos
         cos, sin = COS[:, t0:t0 + T], SIN[:, t0:t0 + T]
@@ -66,7 +67,8 @@ def generate(B):
     rng = torch.Generator().manual_seed(42)
     prompt = torch.randint(0, V, (1, P))
     c1 = KVCache(1); logits = m(prompt, c1)[:, -1, :]
-    cache = KVCache(B); cache.k[:, :, :, :P] = c1.k[:, :, :, :P]; cache.v[:, :, :, :P] = c1.v[:, :, :, :P]; cache.pos = P
+    cache = KVCache(B); cache.pos = P
+    cache.k[:, :, :, :P] = c1.k[:, :, :, :P]; cache.v[:, :, :, :P] = c1.v[:, :, :, :P]
     ids = sample(logits.expand(B, -1), rng)
     rows = [{"tokens": [], "forced": deque(), "done": False} for _ in range(B)]
     t = time.perf_counter()

@@ -32,7 +32,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(s):
         super().__init__()
-        s.wte = nn.Embedding(V, D); s.blocks = nn.ModuleList(Block() for _ in range(depth)); s.head = nn.Linear(D, V, bias=False)
+        s.wte = nn.Embedding(V, D); s.blocks = nn.ModuleList(Block() for _ in range(depth))
+        s.head = nn.Linear(D, V, bias=False)
         inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)); f = torch.outer(torch.arange(T).float(), inv)
         s.register_buffer("cos", f.cos()[None, :, None, :]); s.register_buffer("sin", f.sin()[None, :, None, :])
     def forward(s, idx, targets):
@@ -65,7 +66,8 @@ class Muon(torch.optim.Optimizer):
 m = GPT()
 for n_, p in m.named_parameters(): torch.nn.init.normal_(p, std=0.02)
 sc = (D / 768) ** -0.5
-adam = torch.optim.AdamW([{"params": [m.wte.weight], "lr": 0.2 * sc}, {"params": [m.head.weight], "lr": 0.004 * sc}], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=True)
+adam = torch.optim.AdamW([{"params": [m.wte.weight], "lr": 0.2 * sc}, {"params": [m.head.weight], "lr": 0.004 * sc}],
+                         betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=True)
 muon = Muon([p for p in m.blocks.parameters()])
 model = torch.compile(m, dynamic=False) if COMPILE else m
 x = torch.randint(0, V, (B, T)); y = torch.randint(0, V, (B, T))
@@ -79,4 +81,5 @@ times = []
 for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 10):
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
 times.sort(); med = times[len(times)//2]
-print(f"torch {torch.__version__} threads {torch.get_num_threads()} compile={COMPILE} step_ms {med*1e3:.1f} tok/s {B*T/med:.0f}")
+print(f"torch {torch.__version__} threads {torch.get_num_threads()} compile={COMPILE} "
+      f"step_ms {med*1e3:.1f} tok/s {B*T/med:.0f}")

