@@ -216,7 +216,10 @@ def _quiet_abandoned_reads():
     """After a failed restore, reads still in flight report through two channels under the one-line error: callbacks
     into Orbax's closed loop raise "Event loop is closed" (unraisable), and sibling read tasks that failed too are
     logged by asyncio. Drop exactly those; installed once, before restoring, since they can come before the error
-    reaches us and long after it."""
+    reaches us and long after it. Each is checked on its own: another hook (pytest's, per test) may replace ours."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadFilter())
     previous = sys.unraisablehook
     if getattr(previous, "nanojax_quiets_abandoned_reads", False):
         return
@@ -227,7 +230,6 @@ def _quiet_abandoned_reads():
 
     hook.nanojax_quiets_abandoned_reads = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
 
 
 def _restore_tree(step_path: Path, item: str, target):

@@ -520,7 +520,7 @@ def _abandon_failed_task(coro):
     gc.collect()
 
 
-def test_abandoned_orbax_reads_are_not_logged_but_saves_and_other_tasks_are(caplog):
+def test_abandoned_orbax_reads_are_not_logged_but_saves_and_other_tasks_are(caplog, monkeypatch):
     from orbax.checkpoint._src.serialization import serialization
 
     async def ours():
@@ -528,6 +528,10 @@ def test_abandoned_orbax_reads_are_not_logged_but_saves_and_other_tasks_are(capl
 
     checkpoint._quiet_abandoned_reads()
     checkpoint._quiet_abandoned_reads()  # idempotent: one hook, one filter
+    assert getattr(sys.unraisablehook, "nanojax_quiets_abandoned_reads", False)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # replaced by someone else, as pytest does
+    checkpoint._quiet_abandoned_reads()  # a new hook, still one filter
+    assert getattr(sys.unraisablehook, "nanojax_quiets_abandoned_reads", False)
     assert len([f for f in logging.getLogger("asyncio").filters if isinstance(f, checkpoint._AbandonedReadFilter)]) == 1
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         _abandon_failed_task(serialization.async_deserialize(None, {}))  # fails at once: no sharding
