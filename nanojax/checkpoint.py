@@ -422,23 +422,30 @@ class Model:
             self._engine = Engine(self.params, self.config, self.tokenizer, **kwargs)
         return self._engine
 
-    def _complete(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_k, seed: int) -> list[int]:
-        sequences, _ = self.engine.generate_batch(prompt_ids, num_samples=1, max_tokens=max_tokens,
-                                                  temperature=temperature, top_k=top_k, seed=seed)
+    def _complete(self, prompt_ids: list[int], max_tokens: int, **sampling) -> list[int]:
+        sequences, _ = self.engine.generate_batch(prompt_ids, num_samples=1, max_tokens=max_tokens, **sampling)
         out = [int(t) for t in sequences[0]]
         return out[len(prompt_ids):] if out[:len(prompt_ids)] == list(prompt_ids) else out
 
-    def generate(self, prompt, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0, top_k=None) -> str:
+    def generate(self, prompt, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0, top_k=None,
+                 top_p=None) -> str:
         """Continue `prompt` (text, or token ids) and return the new text."""
-        ids = self.tokenizer.encode(prompt, prepend=self.tokenizer.bos_id) if isinstance(prompt, str) else list(prompt)
-        return self.tokenizer.decode(self._complete(ids, max_tokens, temperature, top_k, seed))
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, prepend=self.tokenizer.bos_id)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = list(prompt)
+        else:
+            raise UserError(f"prompt must be text or a list of token ids, got {prompt!r}")
+        return self.tokenizer.decode(self._complete(ids, max_tokens, temperature=temperature, top_k=top_k,
+                                                    top_p=top_p, seed=seed))
 
-    def chat(self, messages, max_tokens: int = 256, temperature: float = 0.6, seed: int = 0, top_k=50) -> str:
+    def chat(self, messages, max_tokens: int = 256, temperature: float = 0.6, seed: int = 0, top_k=50,
+             top_p=None) -> str:
         """The assistant's reply to a conversation: a list of {"role", "content"} dicts, or a string (one user turn)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         ids = self.tokenizer.render_for_completion(messages)
-        out = self._complete(ids, max_tokens, temperature, top_k, seed)
+        out = self._complete(ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.bos_id}
         end = next((i for i, t in enumerate(out) if t in stops), len(out))
         return self.tokenizer.decode(out[:end])

@@ -419,18 +419,22 @@ def test_generate_and_chat_go_through_the_engine(saved, monkeypatch):
             self.tok = tokenizer
             calls.append(("init", cfg))
 
-        def generate_batch(self, prompt_ids, num_samples=1, max_tokens=16, temperature=1.0, top_k=None, seed=0):
-            calls.append(("gen", list(prompt_ids), max_tokens, temperature, seed))
+        def generate_batch(self, prompt_ids, num_samples=1, max_tokens=16, temperature=1.0, top_k=None, top_p=None,
+                           seed=0):
+            calls.append(("gen", list(prompt_ids), max_tokens, temperature, top_k, top_p, seed))
             reply = self.tok.encode(" the end") + [self.tok.encode_special("<|assistant_end|>")] + self.tok.encode("x")
             return [list(prompt_ids) + reply], [[0] * len(prompt_ids) + [1] * len(reply)]
 
     monkeypatch.setitem(sys.modules, "nanojax.engine", types.SimpleNamespace(Engine=FakeEngine))
     m = nanojax.load("base")
-    assert m.generate("hello", max_tokens=5, temperature=0.7, seed=3).startswith(" the end")
-    assert calls[1] == ("gen", m.tokenizer.encode("hello", prepend=m.tokenizer.bos_id), 5, 0.7, 3)
+    assert m.generate("hello", max_tokens=5, temperature=0.7, seed=3, top_p=0.9).startswith(" the end")
+    assert calls[1] == ("gen", m.tokenizer.encode("hello", prepend=m.tokenizer.bos_id), 5, 0.7, None, 0.9, 3)
     assert m.chat([{"role": "user", "content": "hi"}]) == " the end"  # cut at <|assistant_end|>
     assert calls[2][1][-1] == m.tokenizer.encode_special("<|assistant_start|>")
+    assert calls[2][3:] == (0.6, 50, None, 0)  # chat's sampling defaults
     assert sum(c[0] == "init" for c in calls) == 1  # one engine per loaded model
+    with pytest.raises(UserError, match="prompt must be text or a list of token ids, got 123"):
+        m.generate(123)
 
 
 @pytest.mark.slow  # compiles the engine's prefill and decode
