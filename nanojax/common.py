@@ -2,6 +2,7 @@
 the one download helper, the one registry-wheel fetch, the compute dtype and the peak-FLOPs table."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import http.client
@@ -43,6 +44,14 @@ def cli(main):
     return wrapper
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line naming the bad argument, exit 2; the usage is in --help."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def check_args(args, *, positive=(), non_negative=()):
     """A UserError for the first of these argparse dests (or dataclass fields) that is set and out of range, named
     as its flag: `check_args(args, positive=("batch",))` -> "--batch 0: must be a positive number"."""
@@ -59,14 +68,19 @@ def check_args(args, *, positive=(), non_negative=()):
 
 def base_dir() -> Path:
     """$NANOJAX_BASE_DIR, default ~/.cache/nanojax. Created on first use."""
-    path = Path(os.environ.get("NANOJAX_BASE_DIR") or Path.home() / ".cache" / "nanojax").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _make_dir(Path(os.environ.get("NANOJAX_BASE_DIR") or Path.home() / ".cache" / "nanojax").expanduser())
 
 
 def subdir(*parts: str) -> Path:
-    path = base_dir().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    return _make_dir(base_dir().joinpath(*parts))
+
+
+def _make_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        raise UserError(f"cannot create the directory {path} ({e.strerror or e}); set NANOJAX_BASE_DIR to a "
+                        f"writable directory") from None
     return path
 
 

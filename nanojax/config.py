@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 from nanojax.common import UserError, check_args
@@ -137,6 +138,9 @@ class TrainConfig:
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio} is over 1: "
                             f"warmup and warmdown together cannot be longer than the run")
+        if self.run and (self.run in (".", "..") or not re.fullmatch(r"[\w.+-]+", self.run)):
+            raise UserError(f"--run {self.run!r}: a run is a directory under runs/, so a plain name of letters, digits, "
+                            f"'.', '_', '+' and '-'")
 
     def remat_policy(self, backend: str):
         """gpt.py's remat argument: True (recompute everything), False, or a jax.checkpoint_policies name."""
@@ -168,10 +172,11 @@ def add_dataclass_args(parser, cls, defaults: dict | None = None):
         default = defaults.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)  # shows its default
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper())
+            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
+                                help=f"default: {default!r}" if default not in (None, "") else None)
     return parser
 
 

@@ -12,7 +12,6 @@ Every source is an ordered list of files; the last file is the validation split,
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -20,6 +19,7 @@ import random
 import re
 import shutil
 import tempfile
+import urllib.parse
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 from filelock import FileLock
 
-from nanojax.common import UserError, base_dir, cli, download, print0, progress, registry_wheel
+from nanojax.common import ArgumentParser, UserError, base_dir, cli, download, print0, progress, registry_wheel
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The sources.
@@ -251,6 +251,9 @@ def _download_shards(name: str, n: int | None, base_url: str | None, workers: in
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1")
     url = (base_url or os.environ.get("NANOJAX_DATA_URL") or remote.url).rstrip("/")
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
+        raise UserError(f"--base-url / NANOJAX_DATA_URL {url!r} is not a URL: give one starting with https://, http:// "
+                        f"or file://")
     folder = source_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     indices = [*range(n), remote.val_index]
@@ -412,7 +415,10 @@ def _check_local(source: str) -> Path:
             elif f.suffix == ".txt":
                 docs += f.stat().st_size > 0
             else:
-                docs += sum(len(g) for g in _jsonl_groups(f))
+                for g, group in enumerate(_jsonl_groups(f)):
+                    if g == 0:
+                        _parse_jsonl(f, group)  # the format checked up front, as a parquet file's schema is
+                    docs += len(group)
         counts[split] = docs
     if not all(counts.values()):
         empty = [s for s, c in counts.items() if not c]
@@ -440,7 +446,7 @@ def prepare(source: str, n: int | None = None, base_url: str | None = None, work
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanojax.dataset", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m nanojax.dataset", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=DEMO,
                         help=f"{', '.join(NAMES)}, or a folder/glob of .parquet/.txt/.jsonl files (default: demo)")
     parser.add_argument("-n", "--num-shards", type=int, default=None,

@@ -113,6 +113,10 @@ def _max_and_first_index(x, axis: int):
     return jnp.squeeze(top, axis), jnp.min(jnp.where(x == top, positions, n), axis=axis)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 def first_argmax(x_BV):
     """jnp.argmax over the last axis (the first index of the max), without XLA:CPU's argmax."""
     return jnp.minimum(_max_and_first_index(x_BV, -1)[1], x_BV.shape[-1] - 1)  # a NaN row: the last index
@@ -377,12 +381,14 @@ class Engine:
             raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise UserError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
-        if not temperature >= 0:
+        if not (_is_number(temperature) and temperature >= 0):
             raise UserError(f"temperature must be >= 0, got {temperature!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
             raise UserError(f"top_k must be a non-negative integer or None (0 = off), got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
+        if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
             raise UserError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise UserError(f"seed must be an integer, got {seed!r}")
         stops = self.default_stops if stop_tokens is None else [int(t) for t in stop_tokens]
         if len(stops) > STOP_SLOTS:
             raise UserError(f"at most {STOP_SLOTS} stop tokens, got {len(stops)}")
@@ -555,7 +561,8 @@ class _RandomTokens:
 
 def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: int = 8192, batch: int = 1,
                      prompt_len: int = 32, new_tokens: int = 256, dtype=None, repeats: int = 3, top_k: int = 50,
-                     temperature: float = 1.0, seed: int = 0) -> dict:
+                     temperature: float = 1.0, seed: int = 0, n_kv_head: int | None = None,
+                     max_seq_len: int = 2048) -> dict:
     """Time to first token and decode tokens/s of a random-init model (after a warm-up that compiles), best of
     `repeats`, and the rate the step reads its weights and KV cache at ((weights + KV) bytes per step / step time);
     on GPUs also that rate's share of the device's peak bandwidth."""
@@ -564,9 +571,9 @@ def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: i
         if model_dim % head_dim:
             head_dim = math.gcd(model_dim, head_dim)
         cfg = GPTConfig(vocab_size=vocab_size, depth=depth, model_dim=model_dim, n_head=model_dim // head_dim,
-                        n_kv_head=model_dim // head_dim, head_dim=head_dim)
+                        n_kv_head=n_kv_head or model_dim // head_dim, head_dim=head_dim, max_seq_len=max_seq_len)
     else:
-        cfg = GPTConfig.from_depth(depth, vocab_size=vocab_size)
+        cfg = GPTConfig.from_depth(depth, vocab_size=vocab_size, n_kv_head=n_kv_head, max_seq_len=max_seq_len)
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise UserError(f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds max_seq_len {cfg.max_seq_len}")
     params = gpt.init_params(cfg, seed)

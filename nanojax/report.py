@@ -10,7 +10,7 @@ import re
 
 from pathlib import Path
 
-from nanojax.common import REPO_ROOT, atomic_write, git, is_main_process, subdir
+from nanojax.common import REPO_ROOT, ArgumentParser, atomic_write, cli, git, is_main_process, subdir
 
 
 def slug(section: str) -> str:
@@ -222,13 +222,15 @@ def generate() -> str:
     return text
 
 
+@cli
+def main(argv=None):
+    p = ArgumentParser(prog="python -m nanojax.report",
+                                description="The report card of a run: the header, one section per stage, a summary.")
+    p.add_argument("command", choices=["reset", "generate"],
+                   help="reset: start a new report (removes every section under report/, writes the header); "
+                        "generate: join the sections into report.md")
+    {"reset": reset, "generate": generate}[p.parse_args(argv).command]()
+
+
 if __name__ == "__main__":
-    import sys
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
-    if command == "reset":
-        reset()
-    elif command == "generate":
-        generate()
-    else:
-        print(f"error: command {command!r} is not one of reset, generate", file=sys.stderr)
-        sys.exit(2)
+    main()

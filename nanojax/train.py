@@ -337,8 +337,9 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
                 if stopping or stop.requested():
                     save(step)
                     ckpt.wait()
+                    again = "without --overwrite, with --resume" if cfg.overwrite else "plus --resume"
                     print0(f"stopped by {stop.signal} at step {step}, saved {ckpt.directory}/{step}; continue "
-                           f"with the same command plus --resume")
+                           f"with the same command {again}")
                     return {"stopped": True, "step": step}
                 if cfg.save_every > 0 and step % cfg.save_every == 0:
                     save(step)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanojax.common import UserError, cli
+from nanojax.common import ArgumentParser, UserError, cli
 
 COMMANDS = """commands:
   /clear            start a new conversation
@@ -23,7 +23,7 @@ COMMANDS = """commands:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve.cli", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m serve.cli", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", default="sft", choices=("base", "mid", "sft", "rl"), help="stage to load")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest depth)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -101,8 +101,10 @@ class Session:
                     raise ValueError
                 self.top_k = value
                 out.write(f"(top-k {value or 'off'})\n")
-            else:
+            elif name == "/help":
                 out.write(COMMANDS + "\n")
+            else:
+                out.write(f"(unknown command {name!r})\n{COMMANDS}\n")
         except ValueError:
             out.write(f"(bad value {arg!r} for {name}; see /help)\n")
         out.flush()

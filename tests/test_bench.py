@@ -9,8 +9,14 @@ from nanojax import bench
     (["decode", "--repeats", "0"], "error: --repeats 0: must be a positive number\n"),
     (["train", "--steps", "-1"], "error: --steps -1: must be a positive number\n"),
     (["data", "--seconds", "0"], "error: --seconds 0.0: must be a positive number\n"),
+    (["decode", "--depth", "2", "--n-kv-head", "3"], "error: n_kv_head 3 must divide n_head 1 (depth 2); allowed: [1]\n"),
+    (["memory", "--mesh", "0"], "error: --mesh '0': every axis size must be at least 1; allowed forms: "),
+    (["memory", "--mesh", "100000"], "error: --mesh '100000' needs 100000 devices; a memory plan simulates at most 1024 "
+                                     "on the CPU\n"),
+    (["tokenizer", "--vocab-size", "10"], "error: --vocab-size 10 is too small: it must be at least 265 "),
 ])
-def test_bad_numbers_are_one_line_errors(argv, message, capsys):
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
-    assert exit_info.value.code == 2 and capsys.readouterr().err == message
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(message) and err.count("\n") == 1

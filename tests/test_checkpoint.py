@@ -489,6 +489,10 @@ def test_export_round_trip_without_jax(saved, base, tmp_path):
     np.testing.assert_array_equal(_logits(params, "1"), _logits(jax.tree.map(np.asarray, saved), "1"))
     with pytest.raises(UserError, match="already exists and is not empty"):
         checkpoint.export("base", out)
+    with pytest.raises(UserError, match="is a file; pick a new directory"):
+        checkpoint.export("base", out / "config.json")
+    with pytest.raises(UserError, match=r"config.json/sub: cannot create a directory there \(Not a directory\)"):
+        checkpoint.export("base", out / "config.json" / "sub")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -508,6 +512,8 @@ def test_missing_stage_tag_or_step(saved):
         checkpoint.load("base", tag="d9")
     with pytest.raises(UserError, match="base/d2 has no step 99; found steps: 5"):
         checkpoint.load("base", step=99)
+    with pytest.raises(UserError, match=r"step must be an integer \(one of 5\), got '5'"):
+        checkpoint.load("base", step="5")
     with pytest.raises(UserError, match="unknown stage 'chat'"):
         checkpoint.load("chat")
 

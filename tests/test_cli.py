@@ -95,7 +95,8 @@ def test_interactive_chat_keeps_history_and_obeys_commands(base_dir, tok, capsys
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     assert cli.main(["-i", "sft", "-m", "5"]) == 0
     out = capsys.readouterr().out
-    for piece in ("(temperature 0.0)", "(top-k 3)", "(bad value 'nope' for /topk", "(new conversation)", "commands:"):
+    for piece in ("(temperature 0.0)", "(top-k 3)", "(bad value 'nope' for /topk", "(new conversation)",
+                  "(unknown command '/what')\ncommands:"):
         assert piece in out
     assert out.count("Assistant: ") == 3 and len(calls) == 3
 

@@ -22,6 +22,16 @@ def test_base_dir_follows_env(base_dir):
     assert common.subdir("a", "b") == base_dir / "a" / "b" and (base_dir / "a" / "b").is_dir()
 
 
+def test_unusable_base_dir_is_a_user_error(base_dir, monkeypatch):
+    (base_dir / "a-file").write_text("x")
+    monkeypatch.setenv("NANOJAX_BASE_DIR", str(base_dir / "a-file"))
+    with pytest.raises(UserError, match=r"cannot create the directory .*a-file \(File exists\); set NANOJAX_BASE_DIR"):
+        common.base_dir()
+    monkeypatch.setenv("NANOJAX_BASE_DIR", str(base_dir))
+    with pytest.raises(UserError, match=r"cannot create the directory .*a-file/runs \(Not a directory\)"):
+        common.subdir("a-file", "runs")
+
+
 def test_download_fetches_once_then_skips(loopback, tmp_path):
     loopback.files["f.bin"] = BODY
     dest = tmp_path / "out" / "f.bin"
@@ -143,6 +153,15 @@ def test_cli_turns_user_error_into_one_line_and_exit_2():
             "@cli\ndef main():\n    raise UserError('bad value 7: use 1..3')\nmain()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == "error: bad value 7: use 1..3\n"
+
+
+def test_argument_parser_errors_are_one_line(capsys):
+    p = common.ArgumentParser(prog="python -m x")
+    p.add_argument("--depth", type=int)
+    with pytest.raises(SystemExit) as exit_info:
+        p.parse_args(["--depth", "deep"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: argument --depth: invalid int value: 'deep' (see python -m x --help)\n"
 
 
 @pytest.mark.parametrize("tty, interval", [(True, 0.5), (False, 30.0)])

@@ -56,6 +56,8 @@ def test_direct_construction_is_validated():
     ("final_lr_frac", 1.5, "--final-lr-frac 1.5: must be between 0 and 1"),
     ("warmup_ratio", 0.9, r"--warmup-ratio 0.9 \+ --warmdown-ratio 0.2 is over 1"),
     ("remat", "bogus", "--remat bogus: use auto, full, none or a jax.checkpoint_policies name"),
+    ("run", "../../elsewhere", "--run '../../elsewhere': a run is a directory under runs/, so a plain name"),
+    ("run", "..", "--run '..': a run is a directory under runs/"),
 ])
 def test_train_config_rejects_out_of_range_values_by_flag(field, value, message):
     with pytest.raises(UserError, match=message):

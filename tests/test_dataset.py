@@ -195,6 +195,14 @@ def test_bad_jsonl_line_names_the_file_and_line(tmp_path):
     (tmp_path / "2.jsonl").write_text('{"text": "ok"}\n')
     with pytest.raises(UserError, match=r"1\.jsonl:2: each line must be a JSON object with a string `text` field"):
         list(dataset.iter_documents(str(tmp_path)))
+    with pytest.raises(UserError, match=r"1\.jsonl:2: each line"):  # checked when the folder is prepared, too
+        dataset.prepare(str(tmp_path))
+
+
+def test_base_url_must_be_a_url(base_dir):
+    with pytest.raises(UserError, match=r"--base-url / NANOJAX_DATA_URL 'notaurl' is not a URL"):
+        dataset.prepare("climbmix", n=1, base_url="notaurl")
+    assert not (base_dir / "data").exists()  # nothing created
 
 
 @pytest.fixture

@@ -272,6 +272,8 @@ def test_max_seq_len_bounds_generation(engines):
     (dict(temperature=-1.0), "temperature"),
     (dict(top_k=-2), "top_k"),
     (dict(top_p=1.5), "top_p"),
+    (dict(temperature="hot"), "temperature must be >= 0, got 'hot'"),
+    (dict(seed="x"), "seed must be an integer, got 'x'"),
     (dict(stop_tokens=list(range(9))), "stop tokens"),
 ])
 def test_bad_requests_are_user_errors(engines, bad, match):

@@ -351,6 +351,11 @@ def test_train_and_eval_cli_in_process(corpus, base_dir, monkeypatch, capsys):
                 "token_bytes_std", f"vocab_size: {VOCAB}"]:
         assert key in report
 
+    for bad, message in ((["--compare", "gpt2,foo"], "error: --compare 'foo' is not a tiktoken encoding; known: gpt2"),
+                         (["--compare-timeout", "0"], "error: --compare-timeout 0: must be a positive number")):
+        with pytest.raises(SystemExit):
+            eval_cli.main(bad)
+        assert capsys.readouterr().err.startswith(message)
     rows = eval_cli.main(["--compare", "none", "--max-chars", "50000"])
     assert [r["text"] for r in rows] == ["demo-train", "demo-val", "news", "korean", "code", "math", "science"]
     val = rows[1]

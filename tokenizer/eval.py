@@ -7,7 +7,7 @@ import argparse
 import threading
 from pathlib import Path
 
-from nanojax.common import UserError, cli, print0
+from nanojax.common import ArgumentParser, UserError, cli, print0
 from tokenizer.bpe import get_tokenizer
 from tokenizer.samples import SAMPLES
 from tokenizer.train import _iter_documents, capped, parse_count
@@ -65,7 +65,7 @@ def compression_table(tok, texts: dict[str, list[str]], references: dict) -> tup
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tokenizer.eval", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m tokenizer.eval", description=__doc__.split("`: ", 1)[1])
     p.add_argument("--source", default="demo", help="data source for the train/val rows (default demo)")
     p.add_argument("--max-chars", type=parse_count, default=5_000_000,
                    help="characters of train and of val text to measure (default 5e6)")
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     names = [] if args.compare.strip() in ("", "none") else [n.strip() for n in args.compare.split(",") if n.strip()]
+    import tiktoken
+    known = tiktoken.list_encoding_names()
+    if unknown := [n for n in names if n not in known]:
+        raise UserError(f"--compare {unknown[0]!r} is not a tiktoken encoding; known: {', '.join(known)} (or none)")
+    if not args.compare_timeout > 0:
+        raise UserError(f"--compare-timeout {args.compare_timeout:g}: must be a positive number of seconds")
     tok = get_tokenizer()
     print0(f"tokenizer: vocab {tok.vocab_size:,}, fingerprint {tok.fingerprint()}")
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from nanojax.common import UserError, cli, format_duration, print0, progress
+from nanojax.common import ArgumentParser, UserError, cli, format_duration, print0, progress
 from tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, default_dir, min_vocab_size
 
 
@@ -60,7 +60,8 @@ def parse_count(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tokenizer.train", description=__doc__.split("\n")[0])
+    about = __doc__.split("`: ", 1)[1].split(" Also")[0]
+    p = ArgumentParser(prog="python -m tokenizer.train", description=about)
     p.add_argument("--source", default="demo", help="data source (climbmix, fineweb-edu, demo or a path); default demo")
     p.add_argument("--vocab-size", type=int, default=65536, help="total vocab incl. 9 special tokens (default 65536)")
     p.add_argument("--max-chars", type=parse_count, default=2_000_000_000,
@@ -69,12 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_vocab_size(vocab_size: int):
+    if vocab_size < min_vocab_size():
+        raise UserError(f"--vocab-size {vocab_size} is too small: it must be at least {min_vocab_size()} "
+                        f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
+
+
 @cli
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.vocab_size < min_vocab_size():
-        raise UserError(f"--vocab-size {args.vocab_size} is too small: it must be at least {min_vocab_size()} "
-                        f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
+    check_vocab_size(args.vocab_size)
     print0(f"training a {args.vocab_size:,}-token BPE tokenizer ({args.vocab_size - len(SPECIAL_TOKENS):,} learned "
            f"+ {len(SPECIAL_TOKENS)} special) on source {args.source!r}, train split, at most {args.max_chars:,} "
            f"chars, documents cropped to {args.doc_cap:,} chars")
@@ -164,6 +169,7 @@ def benchmark(text_mb: float = 20, vocab_size: int = 8192, repeats: int = 2) -> 
     one thread vs batched on every core; each the best of `repeats` runs. A flat dict of numbers."""
     import rustbpe
 
+    check_vocab_size(vocab_size)
     docs, is_demo = _corpus(text_mb)
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
 
