@@ -18,8 +18,7 @@ import statistics
 import sys
 import time
 
-from nanojax.common import ArgumentParser
-
+from nanojax.common import ArgumentParser, UserError, check_args, cli
 
 MAX_SIMULATED_DEVICES = 1024  # `bench memory` on a CPU: XLA compiles per device, so more would take hours
 
@@ -195,7 +194,6 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8192)
     args = parser.parse_args(argv)
 
-    from nanojax.common import UserError, check_args, cli
     jax_started = "jax" in sys.modules  # (importing jax reads no flags; its first backend does)
     from nanojax.mesh import parse_mesh
 

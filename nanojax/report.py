@@ -225,7 +225,7 @@ def generate() -> str:
 @cli
 def main(argv=None):
     p = ArgumentParser(prog="python -m nanojax.report",
-                                description="The report card of a run: the header, one section per stage, a summary.")
+                       description="The report card of a run: the header, one section per stage, a summary.")
     p.add_argument("command", choices=["reset", "generate"],
                    help="reset: start a new report (removes every section under report/, writes the header); "
                         "generate: join the sections into report.md")
