@@ -5,6 +5,20 @@
 #   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
 set -euo pipefail
 cd "$(dirname "$0")"
+case "${1:-}" in
+  "") ;;
+  -h|--help) sed -n '2,5p' "$0" | cut -c3-; exit 0 ;;
+  *) echo "speedrun.sh takes no arguments (got '$1'); pick a preset with NANOJAX_PRESET=cpu|d20|d26|d32" >&2; exit 2 ;;
+esac
+# Ctrl-C (or a SIGTERM to the whole job) reaches the running step too, which saves and exits 0: stop here after it
+# rather than going on to evaluate an unfinished model. Running the script again continues from the checkpoint.
+interrupted=""
+trap 'interrupted=SIGINT' INT
+trap 'interrupted=SIGTERM' TERM
+run() {
+  "$@"
+  [ -z "$interrupted" ] || { echo "[speedrun] stopped by $interrupted; run bash speedrun.sh to continue" >&2; exit 130; }
+}
 export NANOJAX_BASE_DIR="${NANOJAX_BASE_DIR:-$HOME/.cache/nanojax}"
 
 gpus=0
@@ -32,28 +46,30 @@ case "$preset" in
     base_args=(--depth 32 --mesh "$gpus" --device-batch-size 8); eval_args=(--mesh "$gpus"); chat_eval_args=() ;;
 esac
 
-python -m nanojax.report reset
+run python -m nanojax.report reset
 # Stage 1: data and tokenizer. On GPUs: a few shards for the tokenizer now, the rest in the background.
 if [ "$source" = demo ]; then
-  python -m nanojax.dataset --source demo
+  run python -m nanojax.dataset --source demo
 else
-  python -m nanojax.dataset --source "$source" -n 8
+  run python -m nanojax.dataset --source "$source" -n 8
   python -m nanojax.dataset --source "$source" -n "$shards" > "$NANOJAX_BASE_DIR/download.log" 2>&1 &
   download_pid=$!
 fi
-python -m tokenizer.train --source "$source" --vocab-size "$vocab" --max-chars "$max_chars"
-python -m tokenizer.eval --source "$source"
+run python -m tokenizer.train --source "$source" --vocab-size "$vocab" --max-chars "$max_chars"
+run python -m tokenizer.eval --source "$source"
 [ -n "${download_pid:-}" ] && { echo "[speedrun] waiting for the shard download"; wait "$download_pid"; }
 
 # Stage 2: base pretraining (continuing a previous run of this script if there is one), then its evaluation.
 resume=()
-[ -n "$(ls -A "$NANOJAX_BASE_DIR/checkpoints/base/d${base_args[1]}" 2>/dev/null)" ] && resume=(--resume)
-python -m launch.base --source "$source" "${base_args[@]}" "${resume[@]}"
-python -m evals.base "${eval_args[@]}"
-[ "$preset" = cpu ] && python -m evals.chat -i base "${chat_eval_args[@]}"
+# (a finished save only: an interrupted first save leaves just a temporary folder, which --resume cannot use)
+python -c "from nanojax import checkpoint as c; exit(not c.complete_steps(c.tag_dir('base', 'd${base_args[1]}')))" \
+  && resume=(--resume)
+run python -m launch.base --source "$source" "${base_args[@]}" "${resume[@]}"
+run python -m evals.base "${eval_args[@]}"
+[ "$preset" = cpu ] && run python -m evals.chat -i base "${chat_eval_args[@]}"
 
 # Later stages run once they exist in this checkout.
 for stage in mid sft rl; do
-  [ -f "launch/$stage.py" ] && python -m "launch.$stage" --mesh "$([ "$preset" = cpu ] && echo 1 || echo "$gpus")"
+  [ -f "launch/$stage.py" ] && run python -m "launch.$stage" --mesh "$([ "$preset" = cpu ] && echo 1 || echo "$gpus")"
 done
-python -m nanojax.report generate
+run python -m nanojax.report generate

@@ -27,6 +27,7 @@ stochastic later derives its key from (seed, step), so there is no generator sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -39,6 +40,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from filelock import FileLock, Timeout
 
 from nanojax.common import ArgumentParser, UserError, base_dir, cli, format_duration, git, print0
 
@@ -271,6 +273,22 @@ class StageCheckpoints:
         self.stage, self.tag, self.keep = stage, tag, keep
         self.directory = tag_dir(stage, tag)
         self._manager = None
+        self._lock = None
+
+    def claim(self):
+        """One training run per stage and tag at a time: a second would save the same steps and rotate the first's
+        checkpoints away. The lock sits beside the tag's folder (--overwrite deletes the folder); the OS drops it when
+        the process ends, kill -9 included."""
+        if jax.process_index() != 0 or self._lock is not None:
+            return
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.directory.parent / f".{self.tag}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(f"another run is training {self.stage}/{self.tag} now (it holds {lock.lock_file}); wait "
+                            f"for it to finish or stop it first") from None
+        self._lock = lock
 
     @property
     def manager(self) -> ocp.CheckpointManager:
@@ -373,6 +391,9 @@ class StageCheckpoints:
             self._manager.wait_until_finished()
             self._manager.close()
             self._manager = None
+        if self._lock is not None:  # (an early error skips this: the lock goes with the object, or the process)
+            self._lock.release()
+            self._lock = None
 
 
 def _barrier(name: str):
@@ -485,9 +506,30 @@ def _tokenizer_for(meta: dict, path: Path):
 def load(stage: str = "sft", tag: str | None = None, step: int | None = None, *, mesh=None) -> Model:
     """Load a stage's checkpoint for use: by default the largest depth tag and its latest step. `mesh`: a Mesh or a
     --mesh spec to lay the params out on (default: one device)."""
+    for attempt in range(3):
+        found_tag, found_step = find(stage, tag, step)
+        try:
+            return _load_step(stage, found_tag, found_step, mesh)
+        except UserError:
+            # A run training this stage keeps only its last --keep steps: the one being read may have been deleted
+            # under us (it is not damaged). Take the newest again, or say so.
+            if not _superseded(stage, found_tag, found_step):
+                raise
+            if step is not None or attempt == 2:
+                raise UserError(f"{stage}/{found_tag} step {found_step} was deleted while it was read: a running job "
+                                f"keeps only its latest checkpoints; steps now: "
+                                f"{_steps_text(complete_steps(tag_dir(stage, found_tag)))}") from None
+
+
+def _superseded(stage: str, tag: str, step: int) -> bool:
+    """The step is gone, or a newer complete one exists (a running job saved it and may be rotating this one out)."""
+    steps = complete_steps(tag_dir(stage, tag))
+    return step not in steps or steps[-1] > step
+
+
+def _load_step(stage: str, tag: str, step: int, mesh) -> Model:
     from nanojax.config import GPTConfig
 
-    tag, step = find(stage, tag, step)
     path = tag_dir(stage, tag) / str(step)
     check_items(path)
     meta = read_meta(path)
@@ -518,13 +560,17 @@ def list_checkpoints(stage: str | None = None) -> list[dict]:
                         meta = read_meta(path)
                     except UserError as e:
                         missing.append(str(e).split(": ", 1)[-1])
-                rows.append({"stage": s, "tag": t, "step": step, "path": str(path), "bytes": dir_size(path),
-                             "problem": f"damaged: missing {', '.join(missing)}" if missing else None,
-                             "final": bool(meta.get("final")), "metrics": meta.get("metrics") or {}})
+                with contextlib.suppress(FileNotFoundError):
+                    row = {"stage": s, "tag": t, "step": step, "path": str(path), "bytes": dir_size(path),
+                           "problem": f"damaged: missing {', '.join(missing)}" if missing else None,
+                           "final": bool(meta.get("final")), "metrics": meta.get("metrics") or {}}
+                    if path.is_dir():  # not deleted meanwhile by a running job's keep-last-K rotation
+                        rows.append(row)
             for name in interrupted_saves(d / t):
-                rows.append({"stage": s, "tag": t, "step": None, "path": str(d / t / name),
-                             "bytes": dir_size(d / t / name), "problem": "interrupted save (ignored)",
-                             "final": False, "metrics": {}})
+                with contextlib.suppress(FileNotFoundError):  # a save in progress that finished meanwhile
+                    rows.append({"stage": s, "tag": t, "step": None, "path": str(d / t / name),
+                                 "bytes": dir_size(d / t / name), "problem": "interrupted save (ignored)",
+                                 "final": False, "metrics": {}})
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import glob
 import http.client
 import os
 import random
@@ -139,6 +140,7 @@ def atomic_write(path, mode: str = "wb"):
     """Write to a temp file beside `path`, fsync, then rename over it: a crash never leaves a half-written `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
     try:
         with open(tmp, mode) as f:
@@ -149,6 +151,26 @@ def atomic_write(path, mode: str = "wb"):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temps(path: Path):
+    """Temp files that writers killed before their rename left beside `path` (their process is gone; a minute old,
+    so that a writer on another host sharing the folder is not mistaken for a dead one)."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = old.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        with contextlib.suppress(OSError, ValueError):
+            if time.time() - old.stat().st_mtime > 60 and not _process_alive(int(pid)):
+                old.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 def _range_start(response) -> int | None:

@@ -138,9 +138,13 @@ class TrainConfig:
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio} is over 1: "
                             f"warmup and warmdown together cannot be longer than the run")
+        for name in ("num_iterations", "target_flops", "target_param_data_ratio"):  # -1: off, as nanochat
+            if not (getattr(self, name) > 0 or getattr(self, name) == -1):
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive number, or -1 "
+                                f"for off")
         if self.run and (self.run in (".", "..") or not re.fullmatch(r"[\w.+-]+", self.run)):
-            raise UserError(f"--run {self.run!r}: a run is a directory under runs/, so a plain name of letters, digits, "
-                            f"'.', '_', '+' and '-'")
+            raise UserError(f"--run {self.run!r}: a run is a directory under runs/, so a plain name of letters, "
+                            f"digits, '.', '_', '+' and '-'")
 
     def remat_policy(self, backend: str):
         """gpt.py's remat argument: True (recompute everything), False, or a jax.checkpoint_policies name."""

@@ -217,6 +217,7 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
 
     # Start fresh, or continue exactly where the latest complete checkpoint left off.
     ckpt = checkpoint.StageCheckpoints(stage.name, tag, keep=cfg.keep)
+    ckpt.claim()
     history = {"min_val_bpb": None, "train_time": 0.0, "timed_steps": 0, "last_loss": None, "last_val_bpb": None,
                "last_eval_step": None, "last_sample_step": None}
     start_step, loader_state = 0, None

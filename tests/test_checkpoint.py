@@ -518,6 +518,42 @@ def test_missing_stage_tag_or_step(saved):
         checkpoint.load("chat")
 
 
+def test_a_step_rotated_away_while_read_is_not_called_damaged(saved, monkeypatch):
+    """A run training the stage keeps its last --keep steps: the latest one may go while a reader loads it."""
+    _save(step=7, final=False)
+    real, calls = checkpoint._load_step, []
+
+    def rotated_mid_read(stage, tag, step, mesh):
+        calls.append(step)
+        if step == 7:  # the job saved 9 and removed 7 just as we read it
+            shutil.copytree(checkpoint.tag_dir(stage, tag) / "7", checkpoint.tag_dir(stage, tag) / "9",
+                            dirs_exist_ok=True)
+            shutil.rmtree(checkpoint.tag_dir(stage, tag) / "7")
+            raise UserError(f"checkpoint .../{step} is damaged: cannot read its params")
+        return real(stage, tag, step, mesh)
+
+    monkeypatch.setattr(checkpoint, "_load_step", rotated_mid_read)
+    assert checkpoint.load("base").step == 9 and calls == [7, 9]  # the newest again
+    calls.clear()
+    with pytest.raises(UserError, match=r"base/d2 step 7 was deleted while it was read: a running job keeps only its "
+                                        r"latest checkpoints; steps now: (5, )?9$"):
+        _save(step=7, final=False)
+        checkpoint.load("base", step=7)  # asked for by number: said, not replaced
+
+
+def test_one_training_run_per_stage_and_tag(base):
+    held = checkpoint.StageCheckpoints("base", "d2")
+    held.claim()
+    code = ("from nanojax import checkpoint as c; from nanojax.common import cli; "
+            "cli(c.StageCheckpoints('base', 'd2').claim)()")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: another run is training base/d2 now"), r.stderr
+    assert subprocess.run([sys.executable, "-c", code.replace("'d2'", "'d4'")], env=env).returncode == 0
+    held.close()
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
 def _abandon_failed_task(coro):
     """Runs `coro` to its failure on a loop that then closes without anyone reading the exception, as Orbax's loop does
     with sibling reads after the first fails; asyncio logs the task when it is collected."""

