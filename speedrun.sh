@@ -17,7 +17,7 @@ trap 'interrupted=SIGINT' INT
 trap 'interrupted=SIGTERM' TERM
 run() {
   "$@"
-  [ -z "$interrupted" ] || { echo "[speedrun] stopped by $interrupted; run bash speedrun.sh to continue" >&2; exit 130; }
+  [ -z "$interrupted" ] || { echo "[speedrun] stopped by $interrupted; bash speedrun.sh continues" >&2; exit 130; }
 }
 export NANOJAX_BASE_DIR="${NANOJAX_BASE_DIR:-$HOME/.cache/nanojax}"
 
