@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanojax.common import ArgumentParser, check_args, cli, print0
+from nanojax.common import ArgumentParser, check_args, cli, parse_count, print0
 
 
 def parse_args(argv=None):
@@ -18,7 +18,8 @@ def parse_args(argv=None):
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--mesh", default="1", help="device mesh spec (as launch.base)")
     p.add_argument("--max-per-task", type=int, default=None, help="CORE examples per task (default: all)")
-    p.add_argument("--split-tokens", type=int, default=20 * 524_288, help="tokens per split for bits per byte")
+    p.add_argument("--split-tokens", type=parse_count, default=20 * 524_288,
+                   help="tokens per split for bits per byte (e.g. 65536 or 1e6)")
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per device for bits per byte")
     p.add_argument("--source", default=None, help="data source for bits per byte (default: the one trained on)")
     p.add_argument("--offline", action="store_true", help="never download the eval bundle; build it offline")

@@ -125,7 +125,7 @@ def main(argv=None):
                non_negative=("temperature", "top_k"))
     from evals.tasks import TASKS, get_task
 
-    names = args.task_name.split("|") if args.task_name else list(TASKS)
+    names = args.task_name.split("|") if args.task_name is not None else list(TASKS)
     tasks = [get_task(n) for n in names]  # an unknown name fails here, before loading a model
     from nanojax import checkpoint, report
     from nanojax.common import compute_dtype

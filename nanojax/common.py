@@ -7,6 +7,7 @@ import contextlib
 import functools
 import glob
 import http.client
+import math
 import os
 import random
 import subprocess
@@ -51,6 +52,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def parse_count(value: str) -> int:
+    """An argparse type for counts: 2e9, 2_000_000_000 or 2000000000."""
+    try:
+        number = float(value.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or number != int(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive whole number")
+    return int(number)
 
 
 def check_args(args, *, positive=(), non_negative=()):

@@ -90,6 +90,7 @@ def test_chat_core_centering():
 
 
 @pytest.mark.parametrize("args, message", [(["-i", "sft", "-a", "Nope"], "unknown task 'Nope'"),
+                                           (["-i", "sft", "-a", ""], "unknown task ''"),
                                            (["-i", "sft", "-a", "MMLU"], "no sft checkpoints")])
 def test_cli_errors(base_dir, args, message):
     env = {"NANOJAX_BASE_DIR": str(base_dir), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "NANOJAX_OFFLINE": "1"}

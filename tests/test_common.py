@@ -1,6 +1,7 @@
 """common.py: base dir, CLI errors, atomic writes, the one download helper against a loopback HTTP server
 (tests/loopback.py: serves bytes by name on 127.0.0.1, logs every request, can fail a request on purpose), and the
 registry-wheel fetch with a stand-in for pip."""
+import argparse
 import io
 import os
 import subprocess
@@ -171,6 +172,17 @@ def test_cli_turns_user_error_into_one_line_and_exit_2():
             "@cli\ndef main():\n    raise UserError('bad value 7: use 1..3')\nmain()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == "error: bad value 7: use 1..3\n"
+
+
+@pytest.mark.parametrize("text, value", [("2e9", 2_000_000_000), ("65_536", 65536), ("1024", 1024)])
+def test_parse_count_reads_plain_underscored_and_scientific_counts(text, value):
+    assert common.parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "1.5", "1e-3", "inf", "nan", "many"])
+def test_parse_count_rejects_what_is_not_a_positive_whole_number(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+        common.parse_count(text)
 
 
 def test_argument_parser_errors_are_one_line(capsys):

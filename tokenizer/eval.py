@@ -7,10 +7,10 @@ import argparse
 import threading
 from pathlib import Path
 
-from nanojax.common import ArgumentParser, UserError, cli, print0
+from nanojax.common import ArgumentParser, UserError, cli, parse_count, print0
 from tokenizer.bpe import get_tokenizer
 from tokenizer.samples import SAMPLES
-from tokenizer.train import _iter_documents, capped, parse_count
+from tokenizer.train import _iter_documents, capped
 
 REFERENCES = {"gpt2": "GPT-2", "cl100k_base": "GPT-4"}
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from nanojax.common import ArgumentParser, UserError, cli, format_duration, print0, progress
+from nanojax.common import ArgumentParser, UserError, cli, format_duration, parse_count, print0, progress
 from tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, default_dir, min_vocab_size
 
 
@@ -46,17 +46,6 @@ def _iter_documents(source: str, split: str, **kwargs):
     except ImportError as e:  # pragma: no cover - only while nanojax.dataset is missing
         raise UserError(f"cannot read data source {source!r}: nanojax.dataset is unavailable ({e})") from e
     return iter_documents(source, split, **kwargs)
-
-
-def parse_count(value: str) -> int:
-    """Accept 2e9, 2_000_000_000 or 2000000000."""
-    try:
-        number = float(value.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if number != int(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be a positive whole number")
-    return int(number)
 
 
 def build_parser() -> argparse.ArgumentParser:
