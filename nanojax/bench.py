@@ -127,6 +127,16 @@ def bench_memory(args) -> dict:
     return result
 
 
+def _simulated_devices(spec: str) -> int:
+    from nanojax.mesh import parse_mesh  # imports jax
+
+    n = math.prod(parse_mesh(spec).values())
+    if n > MAX_SIMULATED_DEVICES:
+        raise UserError(f"--mesh {spec!r} needs {n} devices; a memory plan simulates at most {MAX_SIMULATED_DEVICES} "
+                        f"on the CPU")
+    return n
+
+
 def bench_data(args) -> dict:
     from nanojax.dataloader import PackedLoader
     from tokenizer import get_tokenizer
@@ -194,22 +204,14 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8192)
     args = parser.parse_args(argv)
 
-    jax_started = "jax" in sys.modules  # (importing jax reads no flags; its first backend does)
-    from nanojax.mesh import parse_mesh
-
-    @cli
-    def simulated_devices(spec):
-        n = math.prod(parse_mesh(spec).values())
-        if n > MAX_SIMULATED_DEVICES:
-            raise UserError(f"--mesh {spec!r} needs {n} devices; a memory plan simulates at most "
-                            f"{MAX_SIMULATED_DEVICES} on the CPU")
-        return n
-
     # The memory plan of an N-device mesh can be made on one CPU: simulate the devices before jax's backend starts
     # (the flag multiplies only the CPU platform; on GPUs the plan is made on the real devices).
-    if args.command == "memory" and (n := simulated_devices(args.mesh)) and not jax_started:
-        flag = f"--xla_force_host_platform_device_count={n}"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    if args.command == "memory":
+        jax_started = "jax" in sys.modules  # (importing jax reads no flags; its first backend does)
+        n = cli(_simulated_devices)(args.mesh)
+        if not jax_started:
+            flag = f"--xla_force_host_platform_device_count={n}"
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
     numbers = ("depth", "vocab_size", "n_kv_head", "max_seq_len", "device_batch_size", "steps", "batch", "prompt_len",
                "new_tokens", "repeats", "rows", "seconds", "text_mb")

@@ -176,7 +176,7 @@ def add_dataclass_args(parser, cls, defaults: dict | None = None):
         default = defaults.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)  # shows its default
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),

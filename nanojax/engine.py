@@ -113,10 +113,6 @@ def _max_and_first_index(x, axis: int):
     return jnp.squeeze(top, axis), jnp.min(jnp.where(x == top, positions, n), axis=axis)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def first_argmax(x_BV):
     """jnp.argmax over the last axis (the first index of the max), without XLA:CPU's argmax."""
     return jnp.minimum(_max_and_first_index(x_BV, -1)[1], x_BV.shape[-1] - 1)  # a NaN row: the last index
@@ -229,6 +225,11 @@ class _Row:
         self.in_python = False
         self.expr: list[int] = []
         self.queue: list[int] = []
+
+
+def _is_number(x) -> bool:
+    """For checking requests: a real number (not a bool, not a string)."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 class Engine:
