@@ -49,11 +49,12 @@ def _train_parts(args, mesh, dtype, for_accelerator=False):
     from nanojax.train import build_step, stacked_batch_sharding
 
     cfg = _model(args)
-    parts = build_step(cfg, TrainConfig(remat=args.remat), mesh, 1000, dtype, for_accelerator)
+    parts = build_step(cfg, TrainConfig(remat=args.remat), mesh, dtype, for_accelerator)
     rows = args.device_batch_size * mesh.devices.size
     batch = jax.ShapeDtypeStruct((1, rows, args.max_seq_len), "int32", sharding=stacked_batch_sharding(mesh))
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)
-    abstract_args = (with_sh(parts.abstract, parts.param_sh), with_sh(parts.opt_abstract, parts.opt_sh), batch, batch)
+    abstract_args = (with_sh(parts.abstract, parts.param_sh), with_sh(parts.opt_abstract, parts.opt_sh),
+                     {"inputs": batch, "targets": batch}, jax.ShapeDtypeStruct((), "float32"))
     return cfg, parts.tx, parts.step, parts.param_sh, parts.opt_sh, abstract_args
 
 
@@ -74,15 +75,16 @@ def bench_train(args) -> dict:
     rng = np.random.default_rng(0)
     data = rng.integers(0, cfg.vocab_size, size=(1, rows, args.max_seq_len + 1), dtype=np.int32)
     sh = stacked_batch_sharding(mesh)
-    x, y = jax.device_put(data[..., :-1], sh), jax.device_put(data[..., 1:], sh)
+    batch = {"inputs": jax.device_put(data[..., :-1], sh), "targets": jax.device_put(data[..., 1:], sh)}
+    lr = np.float32(1.0)
     t0 = time.time()
-    params, opt_state, loss = step(params, opt_state, x, y)
+    params, opt_state, loss = step(params, opt_state, batch, lr)
     float(loss)
     compile_s = time.time() - t0
     times = []
     for _ in range(args.steps):
         t0 = time.time()
-        params, opt_state, loss = step(params, opt_state, x, y)
+        params, opt_state, loss = step(params, opt_state, batch, lr)
         float(loss)
         times.append(time.time() - t0)
     dt = statistics.median(times)

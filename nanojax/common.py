@@ -295,12 +295,12 @@ def registry_wheel(name: str, version: str, cache_dir, *, reason: str = "", reme
 # ----------------------------------------------------------------------------------------------------------------------
 # Devices.
 
-def compute_dtype():
-    """bf16 on GPUs/TPUs, fp32 on CPU; NANOJAX_DTYPE=float32|bfloat16|float16 overrides."""
+def compute_dtype(name: str | None = None):
+    """bf16 on GPUs/TPUs, fp32 on CPU; `name` (a --dtype flag) or NANOJAX_DTYPE=float32|bfloat16|float16 overrides."""
     import jax
     import jax.numpy as jnp
 
-    name = os.environ.get("NANOJAX_DTYPE")
+    name = name or os.environ.get("NANOJAX_DTYPE")
     if name:
         allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
         if name not in allowed:

@@ -87,6 +87,9 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+DTYPES = ("", "float32", "bfloat16", "float16")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Run configuration: the knobs of a training stage, named as nanochat names them, and the arithmetic derived from them.
 
@@ -103,14 +106,15 @@ class TrainConfig:
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02
-    lr_scale: float = 1.0                # multiplies every learning rate (fine-tuning stages start lower)
-    grad_clip: float = 1.0
+    init_lr_frac: float = 1.0            # multiplies every learning rate (later stages start lower)
+    grad_clip: float = 1.0               # 0: no clipping (the stages after pretraining do not clip)
+    momentum_warmup: int = 300           # Muon momentum 0.85 -> 0.95 over this many steps; 0: 0.95 throughout
     remat: str = "auto"                  # recompute layer activations in the backward: auto (on accelerators, not on
                                          # CPU), full, none, or a jax.checkpoint_policies name
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
-    eval_every: int = 250
+    eval_every: int = 250                # -1: no evaluation during the run (still one at the end)
     eval_tokens: int = 20 * 524_288
     sample_every: int = 2000
     save_every: int = -1                 # -1: only at the end (and on SIGTERM/SIGINT)
@@ -119,14 +123,18 @@ class TrainConfig:
     source: str = "demo"
     run: str = ""                        # run directory name under runs/; default "<stage>-d<depth>"
     seed: int = 0
+    dtype: str = ""                      # compute dtype: float32, bfloat16, float16; default NANOJAX_DTYPE, else
+                                         # bfloat16 on accelerators and float32 on CPU
     resume: bool = False
     overwrite: bool = False              # a fresh run over existing checkpoints deletes them first
 
     def __post_init__(self):
         check_args(self, positive=("device_batch_size", "total_batch_size", "max_seq_len", "eval_tokens", "keep",
-                                   "lr_scale"),
+                                   "init_lr_frac"),
                    non_negative=("embedding_lr", "unembedding_lr", "matrix_lr", "grad_clip", "warmup_ratio",
-                                 "warmdown_ratio", "final_lr_frac"))
+                                 "warmdown_ratio", "final_lr_frac", "momentum_warmup"))
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: allowed: {', '.join(d for d in DTYPES if d)}")
         for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             if getattr(self, name) > 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be between 0 and 1")
@@ -169,20 +177,27 @@ class TrainConfig:
         raise UserError("set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
 
 
-def add_dataclass_args(parser, cls, defaults: dict | None = None):
-    """One kebab-case flag per dataclass field (`device_batch_size` -> `--device-batch-size`)."""
-    defaults = defaults or {}
+def add_dataclass_args(parser, cls, defaults: dict | None = None, only: tuple | None = None, helps: dict | None = None):
+    """One kebab-case flag per dataclass field (`device_batch_size` -> `--device-batch-size`); `only`: the fields a
+    command offers (the rest keep their defaults), `helps`: help texts by field name."""
+    defaults, helps = defaults or {}, helps or {}
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         default = defaults.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
-                                help=f"default: {default!r}" if default not in (None, "") else None)
+            text = " ".join(filter(None, [helps.get(f.name),
+                                          f"(default: {default!r})" if default not in (None, "") else None]))
+            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(), help=text or None)
     return parser
 
 
-def from_args(cls, namespace):
-    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+def from_args(cls, namespace, defaults: dict | None = None):
+    """The dataclass from parsed flags; fields the command does not offer take `defaults`, else the field default."""
+    defaults = defaults or {}
+    return cls(**{f.name: getattr(namespace, f.name, defaults.get(f.name, f.default))
+                  for f in dataclasses.fields(cls)})

@@ -174,7 +174,7 @@ def test_kill9_mid_training_then_resume_matches_uninterrupted_run(reference, bas
     assert records == [{**x, "dt": y["dt"], "tok_per_s": y["tok_per_s"]} if "dt" in x else x
                        for x, y in zip(ref_records, records)], f"killed at step {kill_at}, resumed from {last_save}"
     assert [r["step"] for r in records if "loss" in r] == list(range(1, ITERS + 1))
-    assert [r["step"] for r in records if "val_bpb" in r] == [4, 8, 10]
+    assert [r["step"] for r in records if "val_bpb" in r] == [0, 4, 8, 10]  # step 0 too, as nanochat
     meta = checkpoint.read_meta(_ckpt_dir(base) / str(ITERS))
     ref_meta = checkpoint.read_meta(_ckpt_dir(ref_base) / str(ITERS))
     assert meta["final"] and meta["metrics"]["min_val_bpb"] == ref_meta["metrics"]["min_val_bpb"]
