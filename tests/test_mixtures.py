@@ -6,7 +6,7 @@ import grain
 import pyarrow as pa
 import pytest
 
-from evals.tasks import SpellingBee, SyntheticMC, Arithmetic, ShareGPT, get_task, load_task
+from evals.tasks import Arithmetic, ShareGPT, SpellingBee, SyntheticMC, get_task, load_task
 from evals.tasks import gsm8k, mmlu
 from evals.tasks.identity import BUILTIN_SIZE
 from evals.tasks.mixtures import DEMO, FULL, TaskMixture, TaskSequence, build_mixture
@@ -80,7 +80,8 @@ def test_demo_mixtures_offline(offline, capsys):
     assert arc_easy[0] != arc_challenge[0]
     val = build_mixture("mid-val", scale="demo")
     assert [(d["task"], d["split"], d["substitute_for"]) for d in val.describe()] == [
-        ("ShareGPT", "test", "SmolTalk test"), ("SyntheticMC", "test", "MMLU test"), ("Arithmetic", "test", "GSM8K test")]
+        ("ShareGPT", "test", "SmolTalk test"), ("SyntheticMC", "test", "MMLU test"),
+        ("Arithmetic", "test", "GSM8K test")]
     assert len(build_mixture("sft-val", scale="demo")) == len(ShareGPT("test", max_chars=1200))
 
 
@@ -124,7 +125,8 @@ def test_identity_file_and_bad_names(offline, tmp_path):
     assert entry["rows"] == 1 and entry["source"] == str(path)
     with pytest.raises(UserError, match=r"^identity file not found: .*missing.jsonl"):
         build_mixture("sft-train", scale="demo", identity=tmp_path / "missing.jsonl")
-    with pytest.raises(UserError, match=r"^unknown mixture 'rl-train'; allowed: mid-train, mid-val, sft-train, sft-val$"):
+    with pytest.raises(UserError, match=r"^unknown mixture 'rl-train'; allowed: mid-train, mid-val, sft-train, "
+                                        r"sft-val$"):
         build_mixture("rl-train")
     with pytest.raises(UserError, match=r"^unknown mixture scale 'huge'; allowed: full, demo$"):
         build_mixture("mid-train", scale="huge")
