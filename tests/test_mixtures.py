@@ -62,6 +62,7 @@ def test_demo_mixtures_offline(offline, capsys):
     assert all(d["source"] for d in mid.describe())
     out = capsys.readouterr().out
     assert "using the offline substitute ShareGPT train" in out
+    assert mid.tasks[3] is mid.tasks[4] and out.count(f"identity: {BUILTIN_SIZE} conversations") == 1  # loaded once
     assert "mid-train (demo): Arithmetic train: 1000 rows (offline substitute for GSM8K train)" in out
     # identity listed twice: each of its conversations appears twice
     counts = {}

@@ -124,10 +124,13 @@ def build_mixture(name: str, *, scale: str = "full", identity=None, seed: int = 
         raise UserError(f"unknown mixture scale {scale!r}; allowed: {', '.join(SCALES)}")
     if name not in SCALES[scale]:
         raise UserError(f"unknown mixture {name!r}; allowed: {', '.join(SCALES[scale])}")
-    tasks = []
+    tasks, loaded = [], {}
     for entry in SCALES[scale][name]:
         kwargs = dict(entry.kwargs, path=identity) if entry.task == "identity" else entry.kwargs
-        tasks.append(load_task(entry.task, entry.split, stop=entry.stop, substitute=entry.substitute, **kwargs))
+        same = repr((entry.task, entry.split, entry.stop, entry.substitute, kwargs))  # listed twice: loaded once
+        if same not in loaded:
+            loaded[same] = load_task(entry.task, entry.split, stop=entry.stop, substitute=entry.substitute, **kwargs)
+        tasks.append(loaded[same])
     mixture = TaskMixture(tasks, seed=seed, name=name)
     for d in mixture.describe():
         note = f" (offline substitute for {d['substitute_for']})" if d["substitute_for"] else ""
