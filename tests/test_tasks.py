@@ -531,6 +531,9 @@ def test_smoltalk_from_hf_parquet(hf_server):
     assert len(task) == 6 and task.source.startswith("Hugging Face") and task.substitute_for is None
     order = np.random.default_rng(42).permutation(6)
     assert [task.to_conversation(r) for r in task.rows] == [rows[i] for i in order]
+    # max_chars (the demo's): the system message counts and is kept; a chat over the limit is left out
+    assert len(SmolTalk("test", max_chars=13)) == 6 and rows[5] in SmolTalk("test", max_chars=13).rows
+    assert len(SmolTalk("test", max_chars=12)) == 5 and rows[5] not in SmolTalk("test", max_chars=12).rows
 
 
 def test_sharegpt_decodes_a_truncated_wheel(sharegpt_wheel):

