@@ -3,7 +3,8 @@
 TaskSequence concatenates tasks' conversations; TaskMixture also shuffles them once with a seed (nanochat shuffles
 its (task, row) list with random.Random(42); ours is Grain's index shuffle with seed 42, so the order differs but is
 as fixed). A task listed twice is two epochs of it. `.dataset` is a random-access grain.MapDataset of conversation
-dicts {"messages": [...]} that loaders slice by process.
+dicts {"messages": [...]} that loaders slice by process; reading it past its length (index len..2*len-1) gives the
+next epoch, shuffled anew (Grain's per-epoch seed), while `mixture[i]` is the first epoch only.
 
     mixture = build_mixture("sft-train", scale="demo", identity=None)
     len(mixture), mixture[0], mixture.dataset[3::8], mixture.describe()
