@@ -79,7 +79,7 @@ def load_task(name: str, split: str, *, stop: int | None = None, substitute: dic
     sub_split = "train" if split in ("train", "auxiliary_train") else "test"
     sub_kwargs = {**sub_kwargs, **(substitute or {})}
     view = stop
-    if sub_name != "ShareGPT":  # generated: as many rows as the real set has (or as asked for)
+    if TASKS[sub_name].generated:  # as many rows as the real set has (or as asked for)
         sub_kwargs.setdefault("size", stop if stop is not None else REAL_SIZES.get((name, split), 10_000))
         view = None
     sub = get_task(sub_name, sub_split, stop=view, **sub_kwargs)

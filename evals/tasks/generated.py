@@ -179,6 +179,7 @@ class Arithmetic(GSM8K):
     """Offline substitute for GSM8K: generated word problems in GSM8K's row format."""
     name = "Arithmetic"
     substitute_for = "GSM8K"
+    generated = True
 
     def __init__(self, split: str = "train", size: int = 7473, stream: int = 0):
         super().__init__(split)
@@ -287,6 +288,7 @@ class SyntheticMC(MultipleChoiceTask):
     name = "SyntheticMC"
     splits = ("train", "test")
     substitute_for = "MMLU auxiliary_train, ARC train"
+    generated = True
 
     def __init__(self, split: str = "train", size: int = 10_000, stream: int = 0, choices: tuple[int, ...] = (4,)):
         super().__init__(split)

@@ -165,6 +165,7 @@ def answer_parts(word: str, letter: str) -> list[dict]:
 class _Spelling(Task):
     kind = "generative"
     splits = ("train", "test")
+    generated = True
 
     def __init__(self, split: str = "test", size: int = 256):
         super().__init__(split)

@@ -1,6 +1,7 @@
-"""What every chat-eval task is: rows (loaded on first use), how a row becomes a conversation, how a completion is
-scored. Two kinds: "categorical" (the model picks one of `letters(row)`; scored on the letter) and "generative"
-(the model writes an answer; `evaluate` parses it)."""
+"""What every task is, for chat evaluation and training: rows (loaded on first use), how a row becomes a
+conversation, how a completion is scored. Kinds: "categorical" (the model picks one of `letters(row)`; scored on the
+letter), "generative" (the model writes an answer; `evaluate` parses it) and "conversation" (training chats, not
+scored). A view (`task.view(start, stop, step)`) is a slice of a task's rows; LazyRows are generated on access."""
 from __future__ import annotations
 
 import re
@@ -18,6 +19,7 @@ class Task:
     kind: str = ""  # "categorical" | "generative" | "conversation"
     splits: tuple[str, ...] = ("test",)
     substitute_for: str | None = None  # an offline substitute names what it stands in for
+    generated = False  # rows made from seeds: the constructor takes a `size`
 
     def __init__(self, split: str = "test"):
         if split not in self.splits:
