@@ -15,9 +15,9 @@ import argparse
 
 import numpy as np
 
+from evals.tasks import CHAT_EVAL as BASELINES  # the chat-eval tasks and their ChatCORE baselines
 from nanojax.common import ArgumentParser, UserError, check_args, cli, print0, progress
 
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 SECTIONS = {"base": "Chat evaluation base", "mid": "Chat evaluation mid", "sft": "Chat evaluation sft",
             "rl": "Chat evaluation rl"}
 
@@ -101,12 +101,12 @@ def chat_core(accuracies: dict) -> float:
 
 
 def parse_args(argv=None):
-    from evals.tasks import TASKS
 
     p = ArgumentParser(prog="python -m evals.chat", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", dest="stage", required=True, choices=list(SECTIONS), help="checkpoint stage")
-    p.add_argument("-a", "--task-name", default=None, help=f"tasks separated by | (default all: {'|'.join(TASKS)})")
+    p.add_argument("-a", "--task-name", default=None,
+                   help=f"tasks separated by | (default all: {'|'.join(BASELINES)})")
     p.add_argument("-g", "--tag", default=None)
     p.add_argument("-s", "--step", type=int, default=None)
     p.add_argument("-x", "--max-problems", type=int, default=None, help="problems per task (default: all)")
@@ -123,9 +123,9 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args, positive=("max_problems", "batch_size", "num_samples", "max_new_tokens"),
                non_negative=("temperature", "top_k"))
-    from evals.tasks import TASKS, get_task
+    from evals.tasks import get_task
 
-    names = args.task_name.split("|") if args.task_name is not None else list(TASKS)
+    names = args.task_name.split("|") if args.task_name is not None else list(BASELINES)
     tasks = [get_task(n) for n in names]  # an unknown name fails here, before loading a model
     from nanojax import checkpoint, report
     from nanojax.common import compute_dtype
