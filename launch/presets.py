@@ -22,10 +22,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-# The packer keeps this fraction of the tokens it reads (BOS-aligned best fit crops the rest). At sequence length 2048:
-# nanochat's LOG measures 34.6% cropped for best fit, so 0.65 kept (the "data" helper measures ours on FineWeb-like
-# text); at 256 on the demo corpus the issue measured 0.46. Shard counts are sized from it with SHARD_MARGIN.
-KEPT_FRACTION = {2048: 0.65, 256: 0.46}
+# The packer keeps this fraction of the tokens it reads (BOS-aligned best fit crops the rest), by source and sequence
+# length. fineweb-edu at 2048: nanochat's LOG measures 34.6% cropped for best fit (the "data" helper measures ours on a
+# FineWeb-like fixture). demo: measured with nanojax.dataloader.PackedLoader over one pass of the demo's train split
+# (vocab 4,096; 2,692,038 tokens read with BOS): 0.421 at 256, 0.732 at 512, 0.830 at 1024, 0.906 at 2048 (its
+# documents are ~600 tokens, FineWeb's longer). Shard counts are sized from it with SHARD_MARGIN.
+KEPT_FRACTION = {("fineweb-edu", 2048): 0.65, ("climbmix", 2048): 0.65,
+                 ("demo", 256): 0.421, ("demo", 512): 0.732, ("demo", 1024): 0.830, ("demo", 2048): 0.906}
+DEMO_TRAIN_TOKENS = 2_692_038  # the demo corpus's train split at vocab 4,096, BOS included (measured as above)
 SHARD_MARGIN = 1.10
 CHARS_PER_SHARD = 250e6  # nanochat's shards are cut at >= 250M characters
 CHARS_PER_TOKEN = 4.8  # FineWeb-EDU with a 65K-vocab tokenizer (nanochat-facts.md section 4, derived)
@@ -97,9 +101,10 @@ def flops_per_token(depth: int, vocab_size: int, seq_len: int) -> float:
     return float(6 * (num_params(depth, vocab_size) - vocab_size * D) + 12 * depth * D * seq_len)
 
 
-def kept_fraction(seq_len: int) -> float:
-    """The measured fraction at the nearest measured sequence length."""
-    return KEPT_FRACTION[min(KEPT_FRACTION, key=lambda t: abs(math.log(t / seq_len)))]
+def kept_fraction(source: str, seq_len: int) -> float:
+    """The measured fraction for this source (FineWeb-EDU's for any other) at the nearest measured sequence length."""
+    known = [key for key in KEPT_FRACTION if key[0] == source] or [k for k in KEPT_FRACTION if k[0] == "fineweb-edu"]
+    return KEPT_FRACTION[min(known, key=lambda k: abs(math.log(k[1] / seq_len)))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -174,7 +179,7 @@ def derive(name: str, hw: Hardware) -> dict:
     else:
         iterations = int(p.target_param_data_ratio * params) // p.total_batch_size
     tokens = iterations * p.total_batch_size
-    kept = kept_fraction(p.max_seq_len)
+    kept = kept_fraction(p.source, p.max_seq_len)
     devices = mesh_size(hw.gpus, p.total_batch_size, p.max_seq_len) if hw.gpus else 1
     d = {"preset": name, "depth": p.depth, "vocab_size": p.vocab_size, "source": p.source, "max_seq_len": p.max_seq_len,
          "parameters": params, "flops_per_token": flops_per_token(p.depth, p.vocab_size, p.max_seq_len),
@@ -230,8 +235,10 @@ def describe(d: dict) -> str:
             lines.append(f"  warning: {d['shards_needed']} shards wanted, the source has {d['shards']}: the loader "
                          f"will wrap into a second epoch")
     else:
+        epochs = d["tokens_read"] / DEMO_TRAIN_TOKENS
         lines.append(f"  data: the embedded demo corpus; kept fraction {d['kept_fraction']} at seq len "
-                     f"{d['max_seq_len']}, {d['tokens_read']:,} tokens read")
+                     f"{d['max_seq_len']}, {d['tokens_read']:,} tokens read = {epochs:.2f} epochs of its "
+                     f"{DEMO_TRAIN_TOKENS:,}" + (" (the loader wraps: some rows repeat)" if epochs > 1 else ""))
     if d.get("estimated_hours") is not None:
         lines.append(f"  estimate: {d['estimated_hours']:.1f} h of base training at an assumed MFU of "
                      f"{d['assumed_mfu']:.0%} (not measured), ~${d['estimated_usd']:,.0f} at "

@@ -33,8 +33,8 @@ def test_nanochat_tiers(name, params, tokens, iterations):
     assert train.grad_accum_steps(8) == d["grad_accum"] == {"d20": 1, "d26": 2, "d32": 4}[name]
     # the shards cover the tokens the packer reads (its crop included), with the margin, from a source that has them
     shard_tokens = presets.CHARS_PER_SHARD / presets.CHARS_PER_TOKEN
-    assert d["shards"] * shard_tokens * presets.KEPT_FRACTION[2048] >= tokens * presets.SHARD_MARGIN * 0.999
-    assert (d["shards"] - 1) * shard_tokens * presets.KEPT_FRACTION[2048] < tokens * presets.SHARD_MARGIN
+    assert d["shards"] * shard_tokens * presets.KEPT_FRACTION[("fineweb-edu", 2048)] >= tokens * presets.SHARD_MARGIN * 0.999
+    assert (d["shards"] - 1) * shard_tokens * presets.KEPT_FRACTION[("fineweb-edu", 2048)] < tokens * presets.SHARD_MARGIN
     assert d["shards"] <= presets.MAX_SHARDS["fineweb-edu"]
 
 
@@ -65,7 +65,9 @@ def test_cpu_demo_and_no_gpu_fallback():
     assert (d["depth"], d["iterations"], d["tokens"], d["shards"]) == (4, 600, 1_228_800, 0)
     d20 = presets.derive("d20", presets.Hardware())  # a dry run without GPUs: nanochat's node, said so
     assert d20["gpus"] == 8 and not d20["hardware_detected"] and "no GPU found" in presets.describe(d20)
-    assert presets.kept_fraction(2048) == 0.65 and presets.kept_fraction(300) == 0.46
+    assert presets.kept_fraction("fineweb-edu", 2048) == 0.65 and presets.kept_fraction("demo", 300) == 0.421
+    assert presets.kept_fraction("/my/parquet", 2000) == 0.65  # another source: FineWeb's figure
+    assert "1.08 epochs" in presets.describe(d) and "the loader wraps" in presets.describe(d)
 
 
 def test_cli(tmp_path):
