@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +69,39 @@ def tokenizer_vocab() -> int | None:
         return len(state["ranks"]) + len(state["special_tokens"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def xla_memory_plan(d: dict, python: str = sys.executable):
+    """plan(batch) -> GiB per device by XLA's own plan of the train step compiled for these GPUs
+    (`python -m nanojax.bench memory`), for presets.fit_device_batch."""
+    p = presets.PRESETS[d["preset"]]
+
+    def plan(batch: int) -> float:
+        cmd = [python, "-m", "nanojax.bench", "memory", "--depth", str(p.depth), "--vocab-size", str(p.vocab_size),
+               "--max-seq-len", str(p.max_seq_len), "--mesh", str(d["mesh"]), "--device-batch-size", str(batch),
+               "--dtype", "bfloat16"]
+        print(f"[speedrun] memory plan: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        try:
+            gib = json.loads(out.stdout.strip().splitlines()[-1])["total_per_device_gib"]
+        except (IndexError, ValueError, KeyError):
+            print(f"[speedrun] memory plan failed; keeping the estimate: {out.stderr.strip()[-300:]}", file=sys.stderr)
+            return 0.0
+        print(f"[speedrun] device batch {batch}: {gib} GiB per device of {d['gpu_memory_gib']}", file=sys.stderr)
+        return gib
+    return plan
+
+
+def check_memory(d: dict) -> dict:
+    """On real GPUs, before base training: the device batch the XLA plan fits (halved from the estimate's choice
+    while it does not); the chat stages' batches follow it."""
+    p = presets.PRESETS[d["preset"]]
+    batch = presets.fit_device_batch(p, d["mesh"], d["gpu_memory_gib"], wanted=d["device_batch_size"],
+                                     plan=xla_memory_plan(d))
+    if batch != d["device_batch_size"]:
+        d = {**d, "device_batch_size": batch, "grad_accum": p.total_batch_size // (batch * p.max_seq_len * d["mesh"]),
+             "chat_batch": {**d["chat_batch"], "mid": min(d["chat_batch"].get("mid", batch), batch)}}
+    return d
 
 
 def plan(d: dict, *, rl: bool = True, python: str = "python") -> list[tuple[str, str, str]]:
@@ -158,6 +192,9 @@ def main(argv=None):
     name = args.preset or os.environ.get("NANOJAX_PRESET") or presets.choose(hw)
     d = presets.derive(name, hw)
     rl = os.environ.get("NANOJAX_RL", "1") != "0"
+    if args.command == "plan" and hw.gpus and name != "cpu" and \
+            training_state("base", presets.PRESETS[name].depth) != "final":
+        d = check_memory(d)
     steps = plan(d, rl=rl, python=args.python)
     if args.command == "plan":
         for action, stage, text in steps:

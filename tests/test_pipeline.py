@@ -84,3 +84,20 @@ def test_dry_run_prints_d20_without_gpus(base_dir):
                      "365 fineweb-edu shards", "python -m launch.base --source fineweb-edu --depth 20 --mesh 8"):
         assert expected in r.stdout
     assert not (base_dir / "checkpoints").exists() and not (base_dir / "report").exists()  # nothing ran
+
+
+def test_memory_check_halves_the_batch_by_the_xla_plan(monkeypatch):
+    d = presets.derive("d20", presets.Hardware(8, "H100", 80.0))
+    asked = []
+
+    def fake_plan(d):
+        def plan(batch):
+            asked.append(batch)
+            return 10 + 3 * batch  # GiB: 32 -> 106 does not fit 80 x 0.85 = 68; 16 -> 58 does
+        return plan
+    monkeypatch.setattr(pipeline, "xla_memory_plan", fake_plan)
+    checked = pipeline.check_memory(d)
+    assert asked == [32, 16] and checked["device_batch_size"] == 16 and checked["grad_accum"] == 2
+    assert checked["device_batch_size"] * 2048 * 8 * checked["grad_accum"] == 524_288
+    assert checked["chat_batch"]["mid"] == checked["device_batch_size"]
+    assert "--device-batch-size " + str(checked["device_batch_size"]) in by_stage(pipeline.plan(checked))["base"][1]
