@@ -166,9 +166,14 @@ def _chat_cells(text: str) -> dict:
     for name in SUMMARY_ROWS[1:]:
         if name not in fields:
             continue
-        offline = bool(offline_tasks) if name == "ChatCORE" else name in offline_tasks
-        notes = ([f"{fields['max problems']} problems{' each' if name == 'ChatCORE' else ''}"] if subset else []) + (
-            ["offline data" if name != "ChatCORE" else "some tasks offline"] if offline else [])
+        if name == "ChatCORE":  # the mean over the tasks: labelled by theirs
+            tasks = [t for t in table if t in SUMMARY_ROWS]
+            offline = ("offline data" if tasks and set(tasks) <= set(offline_tasks) else
+                       "some tasks offline" if offline_tasks else "")
+        else:
+            offline = "offline data" if name in offline_tasks else ""
+        notes = [f"{fields['max problems']} problems{' each' if name == 'ChatCORE' else ''}"] if subset else []
+        notes += [offline] if offline else []
         cells[name] = fields[name] + (f" ({', '.join(notes)})" if notes else "")
     return cells
 
