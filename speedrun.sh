@@ -28,9 +28,11 @@ case "$preset" in
 esac
 export NANOJAX_PRESET="$preset"
 
-if [ "$dry_run" != 0 ]; then  # the venv as it is (no install); the numbers need only the standard library
-  py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
-  exec "$py" -m launch.pipeline dry-run
+if [ "$dry_run" != 0 ]; then  # the venv as it is (no install); without one, the numbers (standard library only)
+  [ -x .venv/bin/python ] && exec .venv/bin/python -m launch.pipeline dry-run
+  python3 -m launch.presets show
+  echo "(no .venv yet: the stage list and what is already done show once it exists; bash speedrun.sh creates it)"
+  exit 0
 fi
 [ "$preset" = cpu ] || [ "$gpus" -gt 0 ] || { echo "preset $preset needs GPUs; none found (NANOJAX_DRY_RUN=1 shows its plan)" >&2
                                              exit 2; }
