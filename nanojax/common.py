@@ -46,8 +46,27 @@ def cli(main):
     return wrapper
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default (unless it says it already)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and text and "default" not in text.lower() and default is not argparse.SUPPRESS
+                and default not in (None, False, "") and not isinstance(action, argparse._VersionAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the project's error style: one line naming the bad argument, exit 2; the usage is in --help."""
+    """argparse with the project's error style: one line naming the bad argument, exit 2; the usage is in --help.
+    Help shows each option's default (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("formatter_class", argparse.HelpFormatter) in (argparse.HelpFormatter,
+                                                                     argparse.RawDescriptionHelpFormatter):
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)

@@ -127,6 +127,8 @@ class TrainConfig:
                                          # bfloat16 on accelerators and float32 on CPU
     resume: bool = False
     overwrite: bool = False              # a fresh run over existing checkpoints deletes them first
+    wandb: bool = False                  # log to Weights & Biases when installed and logged in (nanojax.dashboards)
+    tensorboard: str = ""                # write TensorBoard event files under DIR/<run>/
 
     def __post_init__(self):
         check_args(self, positive=("device_batch_size", "total_batch_size", "max_seq_len", "eval_tokens", "keep",
@@ -177,21 +179,63 @@ class TrainConfig:
         raise UserError("set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
 
 
-def add_dataclass_args(parser, cls, defaults: dict | None = None, only: tuple | None = None, helps: dict | None = None):
-    """One kebab-case flag per dataclass field (`device_batch_size` -> `--device-batch-size`); `only`: the fields a
-    command offers (the rest keep their defaults), `helps`: help texts by field name."""
-    defaults, helps = defaults or {}, helps or {}
+# --help of every TrainConfig flag (launch.base and the chat stages); the default is added from the field.
+TRAIN_HELP = {
+    "depth": "the one dial: layers; width 64 x depth, heads of 128",
+    "n_kv_head": "key/value heads for grouped-query attention (must divide the heads; default: as many as heads)",
+    "max_seq_len": "tokens per row (context length)",
+    "device_batch_size": "rows per device per micro-batch; lower it if memory runs out (accumulation makes up)",
+    "total_batch_size": "tokens per optimizer step",
+    "num_iterations": "optimizer steps (-1: from --target-flops, else from --target-param-data-ratio)",
+    "target_flops": "training FLOPs to spend (-1: off)",
+    "target_param_data_ratio": "training tokens per parameter (-1: off)",
+    "embedding_lr": "AdamW learning rate of the embedding",
+    "unembedding_lr": "AdamW learning rate of the output head",
+    "matrix_lr": "Muon learning rate of the hidden matrices",
+    "init_lr_frac": "multiplies every learning rate (later stages start lower)",
+    "momentum_warmup": "steps over which Muon's momentum rises from 0.85 to 0.95 (0: 0.95 throughout)",
+    "grad_clip": "clip the gradient's global norm to this (0: off)",
+    "remat": "recompute activations in the backward: auto (on accelerators), full, none, or a jax.checkpoint_policies name",
+    "warmup_ratio": "share of the steps warming the learning rate up",
+    "warmdown_ratio": "share of the steps decaying it at the end",
+    "final_lr_frac": "learning rate at the end, as a share of the peak",
+    "eval_every": "steps between validation bits-per-byte evaluations (-1: only at the end)",
+    "eval_tokens": "validation tokens per evaluation",
+    "sample_every": "steps between greedy samples (-1: none)",
+    "save_every": "steps between checkpoints (-1: only at the end and on Ctrl-C/SIGTERM)",
+    "keep": "checkpoints kept per stage and depth",
+    "mesh": "devices: N (data parallel, state sharded), or axes such as data:2,fsdp:4",
+    "source": "training data: climbmix, fineweb-edu, demo, or a path to .parquet/.txt/.jsonl files",
+    "run": "run directory under runs/ (default: <stage>-d<depth>)",
+    "seed": "random seed of the initialisation and sampling",
+    "dtype": "compute dtype: float32, bfloat16 or float16 (default: NANOJAX_DTYPE, else bfloat16 on accelerators, "
+             "float32 on CPU)",
+    "resume": "continue the latest checkpoint of this stage and depth exactly",
+    "overwrite": "start fresh over existing checkpoints of this stage and depth (deletes them)",
+    "wandb": "log to Weights & Biases when wandb is installed and logged in (a one-line note otherwise)",
+    "tensorboard": "write TensorBoard event files under DIR/<run>/ (default: none)",
+}
+
+
+def add_dataclass_args(parser, cls, defaults: dict | None = None, helps: dict | None = None,
+                       only: tuple | None = None):
+    """One kebab-case flag per dataclass field (`device_batch_size` -> `--device-batch-size`), its help from `helps`
+    (over TRAIN_HELP for TrainConfig) and its default; `only`: the fields a command offers (the rest keep their
+    defaults)."""
+    defaults = defaults or {}
+    helps = {**(TRAIN_HELP if cls is TrainConfig else {}), **(helps or {})}
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue
         default = defaults.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
+        text = helps.get(f.name, "")
+        if default not in (None, "") and "(default" not in text:
+            text = f"{text} (default: {default!r})".strip()
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-            text = " ".join(filter(None, [helps.get(f.name),
-                                          f"(default: {default!r})" if default not in (None, "") else None]))
             parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(), help=text or None)
     return parser
 
