@@ -10,6 +10,7 @@ import numpy as np
 
 from nanojax import gpt
 from nanojax import mesh as meshlib
+from nanojax.common import progress
 
 
 def make_bpb_eval(model_cfg, token_bytes: np.ndarray, mesh, param_sh, dtype):
@@ -26,7 +27,8 @@ def make_bpb_eval(model_cfg, token_bytes: np.ndarray, mesh, param_sh, dtype):
 
     def evaluate(params, batches) -> float:
         total_nats, total_bytes = 0.0, 0
-        for inputs, targets in batches:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for inputs, targets in progress(batches, total=total, desc="bits per byte", unit="batch", leave=False):
             shape = (inputs.shape[0] * jax.process_count(), inputs.shape[1])
             n, b = fn(params, meshlib.global_batch(mesh, inputs, shape), meshlib.global_batch(mesh, targets, shape))
             total_nats += float(n)
@@ -36,16 +38,12 @@ def make_bpb_eval(model_cfg, token_bytes: np.ndarray, mesh, param_sh, dtype):
     return evaluate
 
 
-def split_batches(tokenizer, source: str, split: str, rows: int, seq_len: int, tokens: int, *, rank=0, world=1):
-    """A fixed slice of a split, packed as in training: the same (inputs, targets) at every call of the result."""
-    from nanojax.dataloader import PackedLoader
+def split_batches(tokenizer, source: str, split: str, rows: int, seq_len: int, tokens: int, *, rank=0, world=1,
+                  flag="--eval-tokens"):
+    """The first `tokens` targets of a split as one token stream, as nanochat measures (capped by the split's size,
+    which is then said once): a callable giving the same batches of (inputs, targets) at every call."""
+    from nanojax.dataloader import StreamBatches, split_documents
 
-    def batches():
-        loader = PackedLoader(tokenizer, source, split, rows, seq_len, rank=rank, world=world, loop=True)
-        try:
-            for _ in range(max(1, tokens // (rows * seq_len * world))):
-                yield loader.next_inputs_targets()
-        finally:
-            loader.close()
-
-    return batches
+    batches = StreamBatches(split_documents(tokenizer, source, split), rows, seq_len, tokens, rank=rank, world=world,
+                            label=f"the {split} split of {source}", flag=flag)
+    return lambda: batches

@@ -29,7 +29,7 @@ def main(argv=None):
     import jax
 
     from evals.loss import split_batches
-    from nanojax.dataloader import PackedLoader
+    from nanojax.dataloader import PretrainLoader
     from nanojax import dataset, mesh as meshlib, train
     from tokenizer import get_tokenizer
 
@@ -41,12 +41,12 @@ def main(argv=None):
     world, rank = jax.process_count(), jax.process_index()
     num_devices = mesh.devices.size
     rows = cfg.device_batch_size * num_devices // world
-    cfg.grad_accum_steps(num_devices)  # the batch arithmetic must work out before data or compilation
+    accum = cfg.grad_accum_steps(num_devices)  # the batch arithmetic must work out before data or compilation
     dataset.resolve(cfg.source)
     stage = train.Stage(
         name="base", report_section="Base model training",
-        train_batches=lambda state: PackedLoader(tok, cfg.source, "train", rows, cfg.max_seq_len, rank=rank,
-                                                 world=world, state=state),
+        train_batches=lambda state: PretrainLoader(tok, cfg.source, "train", rows, cfg.max_seq_len, accum=accum,
+                                                   rank=rank, world=world, packing=cfg.packing, state=state),
         val_batches=split_batches(tok, cfg.source, "val", rows, cfg.max_seq_len, cfg.eval_tokens, rank=rank,
                                   world=world),
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from nanojax.common import UserError, check_args
 
+PACKINGS = ("bestfit", "stream")  # how the pretraining loader makes rows (nanojax/dataloader.py)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
@@ -117,6 +118,8 @@ class TrainConfig:
     keep: int = 2                        # checkpoints kept per stage and tag
     mesh: str = "1"
     source: str = "demo"
+    packing: str = "bestfit"             # bestfit: rows start at a document, best-fit filled, the rest cropped;
+                                         # stream: one token stream cut anywhere, every token used (nanochat Oct-2025)
     run: str = ""                        # run directory name under runs/; default "<stage>-d<depth>"
     seed: int = 0
     resume: bool = False
@@ -135,6 +138,8 @@ class TrainConfig:
             if self.remat.startswith("_") or not hasattr(jax.checkpoint_policies, self.remat):
                 raise UserError(f"--remat {self.remat}: use auto, full, none or a jax.checkpoint_policies name such as "
                                 f"dots_with_no_batch_dims_saveable")
+        if self.packing not in PACKINGS:
+            raise UserError(f"--packing {self.packing!r}: use one of {', '.join(PACKINGS)}")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio} is over 1: "
                             f"warmup and warmdown together cannot be longer than the run")
