@@ -150,13 +150,15 @@ class _PackIterator(grain.DatasetIterator):
 
     def _state(self, buffer) -> dict:
         group, doc = self._position()
-        return LoaderState(self.epoch, group, doc, buffer).to_dict()
+        return {**LoaderState(self.epoch, group, doc, buffer).to_dict(), "packing": self.packing}
 
     def set_state(self, state):
         raise NotImplementedError("build the loader with state=... to resume (the pipeline starts at that row group)")
 
 
 class _BestFitIterator(_PackIterator):
+    packing = "bestfit"
+
     def __init__(self, parent, groups, tokenizer, row_len, state, buffer_size):
         super().__init__(parent, groups, tokenizer, row_len, state)
         self.buffer_size = buffer_size
@@ -199,6 +201,8 @@ class _BestFitIterator(_PackIterator):
 
 
 class _StreamIterator(_PackIterator):
+    packing = "stream"
+
     def __init__(self, parent, groups, tokenizer, row_len, state):
         super().__init__(parent, groups, tokenizer, row_len, state)
         self._current = None  # (ref, tokens, offset of the next row's first token)
@@ -268,6 +272,10 @@ class PretrainLoader:
         check_packing(packing)
         self.rows, self.seq_len, self.accum, self.packing = rows, seq_len, accum, packing
         self.groups = RowGroups(source, split, rank, world)
+        if state and state.get("packing", packing) != packing:
+            print0(f"note: the data position was saved with --packing {state['packing']} and this run packs {packing}: "
+                   f"the documents its packer held are skipped")
+            state = {**state, "buffer": []}
         st = LoaderState.from_dict(state) if state else LoaderState()
         pos = self.groups.position(st.group)
         if pos == len(self.groups):  # (a state from another process count can point past our last group)

@@ -195,3 +195,14 @@ def test_stream_batches_split_rows_between_processes(tok, corpus):
         np.testing.assert_array_equal(one[b][0], np.concatenate([x0[0], x1[0]]))
         np.testing.assert_array_equal(one[b][1], np.concatenate([x0[1], x1[1]]))
     assert sum(int((t >= 0).sum()) for _, t in one) == 1000
+
+
+def test_a_state_saved_with_the_other_packing_continues_from_the_next_document(tok, corpus, capsys):
+    best = PretrainLoader(tok, corpus, "train", rows=2, seq_len=32)
+    _take(best, 3)
+    state = best.state()
+    best.close()
+    stream = PretrainLoader(tok, corpus, "train", rows=2, seq_len=32, packing="stream", state=state)
+    assert stream.state() == {**state, "buffer": [], "packing": "stream"}
+    stream.close()
+    assert "saved with --packing bestfit and this run packs stream" in capsys.readouterr().out
