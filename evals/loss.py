@@ -10,13 +10,15 @@ import numpy as np
 
 from nanojax import gpt
 from nanojax import mesh as meshlib
+from nanojax.common import progress
 
 
-def _summing(fn, mesh):
+def _summing(fn, mesh, desc: str):
     """-> evaluate(params, batches) -> the elementwise sum of fn's outputs over process-local (inputs, targets)."""
     def evaluate(params, batches) -> list[float]:
         totals = None
-        for inputs, targets in batches:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for inputs, targets in progress(batches, total=total, desc=desc, unit="batch", leave=False):
             shape = (inputs.shape[0] * jax.process_count(), inputs.shape[1])
             out = fn(params, meshlib.global_batch(mesh, inputs, shape), meshlib.global_batch(mesh, targets, shape))
             totals = [float(x) for x in out] if totals is None else [t + float(x) for t, x in zip(totals, out)]
@@ -36,7 +38,7 @@ def make_bpb_eval(model_cfg, token_bytes: np.ndarray, mesh, param_sh, dtype):
         return jnp.sum(jnp.where(nbytes > 0, nats, 0.0)), jnp.sum(nbytes)
 
     fn = jax.jit(sums, in_shardings=(param_sh, meshlib.batch_sharding(mesh), meshlib.batch_sharding(mesh)))
-    summed = _summing(fn, mesh)
+    summed = _summing(fn, mesh, "bits per byte")
 
     def evaluate(params, batches) -> float:
         total_nats, total_bytes = summed(params, batches)
@@ -54,7 +56,7 @@ def make_loss_eval(model_cfg, mesh, param_sh, dtype):
         return jnp.sum(nats), jnp.sum(targets >= 0)
 
     fn = jax.jit(sums, in_shardings=(param_sh, meshlib.batch_sharding(mesh), meshlib.batch_sharding(mesh)))
-    summed = _summing(fn, mesh)
+    summed = _summing(fn, mesh, "val loss")
 
     def evaluate(params, batches) -> float:
         total_nats, count = summed(params, batches)
@@ -63,16 +65,12 @@ def make_loss_eval(model_cfg, mesh, param_sh, dtype):
     return evaluate
 
 
-def split_batches(tokenizer, source: str, split: str, rows: int, seq_len: int, tokens: int, *, rank=0, world=1):
-    """A fixed slice of a split, packed as in training: the same (inputs, targets) at every call of the result."""
-    from nanojax.dataloader import PackedLoader
+def split_batches(tokenizer, source: str, split: str, rows: int, seq_len: int, tokens: int, *, rank=0, world=1,
+                  flag="--eval-tokens"):
+    """The first `tokens` targets of a split as one token stream, as nanochat measures (capped by the split's size,
+    which is then said once): a callable giving the same batches of (inputs, targets) at every call."""
+    from nanojax.dataloader import StreamBatches, split_documents
 
-    def batches():
-        loader = PackedLoader(tokenizer, source, split, rows, seq_len, rank=rank, world=world, loop=True)
-        try:
-            for _ in range(max(1, tokens // (rows * seq_len * world))):
-                yield loader.next_inputs_targets()
-        finally:
-            loader.close()
-
-    return batches
+    batches = StreamBatches(split_documents(tokenizer, source, split), rows, seq_len, tokens, rank=rank, world=world,
+                            label=f"the {split} split of {source}", flag=flag)
+    return lambda: batches

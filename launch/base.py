@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from nanojax.common import ArgumentParser, cli, print0
 
 
@@ -32,8 +30,8 @@ def main(argv=None):
 
     from evals.loss import make_bpb_eval, split_batches
     from nanojax import dataset, gpt, optim, mesh as meshlib, train
-    from nanojax.dataloader import PackedLoader
     from nanojax.common import compute_dtype
+    from nanojax.dataloader import PretrainLoader
     from tokenizer import get_tokenizer
 
     meshlib.init_distributed()  # before any other jax call
@@ -53,10 +51,10 @@ def main(argv=None):
     lr_multiplier = optim.schedule(num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
     print0(f"{num_iterations:,} steps x {cfg.total_batch_size:,} tokens (grad accum {grad_accum})")
     stage = train.Stage(
-        name="base", report_section="Base model training",
-        train_batches=lambda state: Accumulated(
-            PackedLoader(tok, cfg.source, "train", rows, cfg.max_seq_len, rank=rank, world=world, state=state),
-            grad_accum),
+        name="base",
+        train_batches=lambda state: PretrainLoader(tok, cfg.source, "train", rows, cfg.max_seq_len,
+                                                   accum=grad_accum, rank=rank, world=world, packing=cfg.packing,
+                                                   state=state),
         lr_schedule=lambda step, progress: lr_multiplier(step),
         num_iterations=num_iterations,
         evaluate=lambda params, step: {"val_bpb": bpb(params, val_batches())},
@@ -68,22 +66,6 @@ def main(argv=None):
     )
     train.run(stage, model_cfg, cfg, tok)
 
-
-class Accumulated:
-    """A packed-row loader as the training loop's batches: `grad_accum` micro-batches stacked per step."""
-
-    def __init__(self, loader, grad_accum: int):
-        self.loader, self.grad_accum = loader, grad_accum
-
-    def next_step(self, params=None) -> dict:
-        xs, ys = zip(*(self.loader.next_inputs_targets() for _ in range(self.grad_accum)))
-        return {"inputs": np.stack(xs), "targets": np.stack(ys)}
-
-    def state(self) -> dict:
-        return self.loader.state()
-
-    def close(self):
-        self.loader.close()
 
 if __name__ == "__main__":
     main()

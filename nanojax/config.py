@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from nanojax.common import UserError, check_args
 
+PACKINGS = ("bestfit", "stream")  # how the pretraining loader makes rows (nanojax/dataloader.py)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
@@ -121,6 +122,8 @@ class TrainConfig:
     keep: int = 2                        # checkpoints kept per stage and tag
     mesh: str = "1"
     source: str = "demo"
+    packing: str = "bestfit"             # bestfit: rows start at a document, best-fit filled, the rest cropped;
+                                         # stream: one token stream cut anywhere, every token used (nanochat Oct-2025)
     run: str = ""                        # run directory name under runs/; default "<stage>-d<depth>"
     seed: int = 0
     dtype: str = ""                      # compute dtype: float32, bfloat16, float16; default NANOJAX_DTYPE, else
@@ -145,6 +148,8 @@ class TrainConfig:
             if self.remat.startswith("_") or not hasattr(jax.checkpoint_policies, self.remat):
                 raise UserError(f"--remat {self.remat}: use auto, full, none or a jax.checkpoint_policies name such as "
                                 f"dots_with_no_batch_dims_saveable")
+        if self.packing not in PACKINGS:
+            raise UserError(f"--packing {self.packing!r}: use one of {', '.join(PACKINGS)}")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio} is over 1: "
                             f"warmup and warmdown together cannot be longer than the run")
@@ -205,6 +210,8 @@ TRAIN_HELP = {
     "save_every": "steps between checkpoints (-1: only at the end and on Ctrl-C/SIGTERM)",
     "keep": "checkpoints kept per stage and depth",
     "mesh": "devices: N (data parallel, state sharded), or axes such as data:2,fsdp:4",
+    "packing": "how documents become rows: bestfit (each row starts at a document, the leftover cropped) or stream "
+               "(every token once, rows cut anywhere)",
     "source": "training data: climbmix, fineweb-edu, demo, or a path to .parquet/.txt/.jsonl files",
     "run": "run directory under runs/ (default: <stage>-d<depth>)",
     "seed": "random seed of the initialisation and sampling",
