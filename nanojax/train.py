@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nanojax import checkpoint, gpt, optim
+from nanojax import checkpoint, gpt, optim, report
 from nanojax import mesh as meshlib
 from nanojax.common import UserError, atomic_write, compute_dtype, format_duration, peak_flops, print0, subdir
 from nanojax.config import GPTConfig, TrainConfig
+from nanojax.dashboards import open_dashboards
 
 
 # Prompts whose greedy continuations show a base model's progress: in training logs and in evals.base.
@@ -40,8 +41,7 @@ SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
 @dataclass
 class Stage:
     """What differs between stages; everything else is the loop."""
-    name: str                                  # "base", "mid", "sft", "rl": checkpoint directory
-    report_section: str                        # e.g. "Base model training"
+    name: str                                  # "base", "mid", "sft", "rl": checkpoint directory, report section
     train_batches: Callable                    # (loader state or None) -> loader (the contract above)
     lr_schedule: Callable                      # (step, progress in [0, 1]) -> LR multiplier
     num_iterations: int | None = None          # None: until the loader is exhausted (one pass over its data)
@@ -263,6 +263,7 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
     num_iterations = stage.num_iterations
     dtype = compute_dtype(cfg.dtype or None)
     tag = f"d{model_cfg.depth}"
+    section = report.STAGE_SECTIONS[stage.name]
     run_dir = subdir("runs", cfg.run or f"{stage.name}-{tag}")
     metrics_path = run_dir / "metrics.jsonl"
     if cfg.resume and cfg.overwrite:
@@ -312,6 +313,7 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
     _trim_metrics(metrics_path, start_step if cfg.resume else None)
 
     loader = stage.train_batches(loader_state)
+    dashboards = open_dashboards(cfg, run_dir.name)
     step_fn = parts.step
     peak = peak_flops(jax.devices()[0])
     batch_sh = stacked_batch_sharding(mesh)
@@ -334,6 +336,7 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
         print0(f"checkpoint: {ckpt.directory}/{step}{' (final)' if final else ''}")
 
     def log_metrics(record):
+        dashboards.log(record["step"], record)
         if jax.process_index() == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -448,6 +451,7 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
     finally:
         ckpt.close()  # also on an error: the save in flight completes, so the last checkpoint is whole
         loader.close()
+        dashboards.close()
     assert finished
 
     steady, timed_steps = history["train_time"], max(1, history["timed_steps"])
@@ -464,15 +468,9 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
     }
     if start_step:
         summary["resumed from step"] = start_step
-    from nanojax import report
-    plot = []  # the loss curve, in the run directory and beside the report (linked by absolute path: both copies work)
-    if jax.process_index() == 0 and metrics_path.exists():
-        svg = subdir("report") / f"{report.slug(stage.report_section)}-loss.svg"
-        if report.plot_metrics(metrics_path, svg, f"{stage.report_section}: {run_dir.name}"):
-            with atomic_write(run_dir / "loss.svg", "w") as f:
-                f.write(svg.read_text())
-            plot = [f"![train loss and val bpb]({svg})"]
-    report.log(stage.report_section, [{k: v for k, v in asdict(cfg).items()}, summary] + plot)
+    if jax.process_index() == 0 and metrics_path.exists():  # the run's own curve; the report draws its plots itself
+        report.plot_metrics(metrics_path, run_dir / "loss.svg", f"{section}: {run_dir.name}")
+    report.log(section, [{k: v for k, v in asdict(cfg).items()}, summary])
     with atomic_write(run_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print0("summary: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.items()))
