@@ -320,9 +320,10 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
     commit = checkpoint.git_commit()
 
     def progress_of(step):
-        if hasattr(loader, "progress"):
-            return float(loader.progress())
-        return step / num_iterations if num_iterations else 0.0
+        """Share of the run done: by steps when their number is known, else by the data the loader consumed."""
+        if num_iterations:
+            return step / num_iterations
+        return float(loader.progress()) if hasattr(loader, "progress") else 0.0
 
     def save(step, final=False):
         meta = {"step": step, "stage": stage.name, "tag": tag, "final": final, "num_iterations": num_iterations,
