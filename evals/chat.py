@@ -127,11 +127,11 @@ def main(argv=None):
 
     names = args.task_name.split("|") if args.task_name is not None else list(TASKS)
     tasks = [get_task(n) for n in names]  # an unknown name fails here, before loading a model
-    from nanojax import checkpoint, report
+    from nanojax import models, report
     from nanojax.common import compute_dtype
     from nanojax.engine import Engine
 
-    model = checkpoint.load(args.stage, args.tag, args.step)
+    model = models.load(args.stage, args.tag, args.step)
     tok, dtype = model.tokenizer, compute_dtype()
     print0(f"evaluating {args.stage}/{model.tag} step {model.step} on {', '.join(names)}")
     last_logits = make_last_logits_fn(model.params, model.config, dtype)
