@@ -30,6 +30,7 @@ case "$preset" in
   *) echo "NANOJAX_PRESET=$preset is not one of cpu, d20, d26, d32" >&2; exit 2 ;;
 esac
 source launch/venv.sh "$extras"
+bash launch/bubblewrap.sh  # the code sandbox for HumanEval: installed when missing and possible
 echo "[speedrun] preset $preset, $gpus GPU(s), base dir $NANOJAX_BASE_DIR"
 
 case "$preset" in
