@@ -25,9 +25,12 @@ Using a checkpoint (nanojax.load, listing, export, `python -m nanojax.checkpoint
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -44,6 +47,12 @@ ITEMS = ("params", "opt_state", "data_state", "meta")
 REQUIRED = ("params", "meta")  # enough to load a model
 RESUMABLE = ("params", "opt_state", "meta")  # and data_state (older checkpoints kept the loader state in meta)
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+FILES = "nanojax-files.json"  # every file of a finished save and its size, written once the save is complete
+
+
+class CheckpointWriteError(UserError):
+    """A save could not be written (disk full, read-only, no permission): the training loop stops on this one line,
+    and the checkpoints saved before it are intact."""
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Where checkpoints are, and which of them are complete.
@@ -119,6 +128,39 @@ def check_items(step_path: Path, needed=REQUIRED):
         found = sorted(p.name for p in step_path.iterdir()) if step_path.is_dir() else []
         raise UserError(f"checkpoint {step_path} is damaged: missing {', '.join(missing)} (found: "
                         f"{', '.join(found) or 'nothing'}); delete that directory to use an earlier step")
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def record_files(step_path: Path):
+    """Write FILES: the size of every file of a complete save, so that a truncated or missing one is found by a stat."""
+    sizes = {str(f.relative_to(step_path)): f.stat().st_size for f in sorted(step_path.rglob("*"))
+             if f.is_file() and f.name != FILES}
+    tmp = step_path / f".{FILES}.tmp"
+    tmp.write_text(json.dumps(sizes))
+    tmp.replace(step_path / FILES)
+
+
+def damaged_file(step_path: Path, items=ITEMS) -> str | None:
+    """The first file of `items` that is missing or has another size than when it was saved (None: all as saved, or
+    a save from before FILES was written, which cannot be checked this way)."""
+    try:
+        sizes = json.loads((step_path / FILES).read_text())
+    except (OSError, ValueError):
+        return None
+    for name, size in sizes.items():
+        if name.split("/", 1)[0] not in items:
+            continue
+        try:
+            now = (step_path / name).stat().st_size
+        except FileNotFoundError:
+            return f"its file {name} is missing"
+        if now != size:
+            return f"its file {name} is truncated ({now:,} of {size:,} bytes)" if now < size else \
+                f"its file {name} has {now:,} bytes, {size:,} when saved"
+    return None
 
 
 def read_meta(step_path: Path) -> dict:
@@ -217,6 +259,35 @@ class _AbandonedReadFilter(logging.Filter):
                     and "deserialize() " in message)
 
 
+class _FailedSaveLogFilter(logging.Filter):
+    """Drops Orbax's own error logs of a failed background save (one traceback per thread and item, hundreds of
+    lines): the same error reaches the training loop from wait_until_finished, as one line (CheckpointWriteError)."""
+
+    def filter(self, record):
+        return not (record.levelno >= logging.ERROR and "/orbax/checkpoint/" in record.pathname)
+
+
+def _quiet_failed_saves():
+    absl_log = logging.getLogger("absl")
+    if not any(isinstance(f, _FailedSaveLogFilter) for f in absl_log.filters):
+        absl_log.addFilter(_FailedSaveLogFilter())
+    _quiet_abandoned_reads()  # the unraisable "Event loop is closed" comes after failed writes as well
+
+
+def _write_cause(e: BaseException) -> str:
+    """The operating system's reason inside an Orbax/tensorstore error ("No space left on device"), else its first line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"os_error_code='(\d+)'", str(e))
+    if match:
+        return os.strerror(int(match.group(1)))
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{type(e).__name__}: {first[:300]}"
+
+
 def _quiet_abandoned_reads():
     """After a failed restore, reads still in flight report through two channels under the one-line error: callbacks
     into Orbax's closed loop raise "Event loop is closed" (unraisable), and sibling read tasks that failed too are
@@ -240,6 +311,9 @@ def _quiet_abandoned_reads():
 def _restore_tree(step_path: Path, item: str, target):
     """One Orbax pytree item onto the shardings carried by `target`'s ShapeDtypeStructs (any mesh)."""
     check_items(step_path, (item,))
+    bad = damaged_file(step_path, (item,))
+    if bad:
+        raise UserError(f"checkpoint {step_path} is damaged: {bad}; delete that directory to use an earlier step")
     _quiet_abandoned_reads()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -275,6 +349,8 @@ class StageCheckpoints:
         self.directory = tag_dir(stage, tag)
         self._manager = None
         self._lock = None
+        self._in_flight = None  # the step of the save in flight
+        self._failed = None  # the step of a save that failed
 
     def claim(self):
         """One training run per stage and tag at a time: a second would save the same steps and rotate the first's
@@ -282,13 +358,16 @@ class StageCheckpoints:
         the process ends, kill -9 included."""
         if jax.process_index() != 0 or self._lock is not None:
             return
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.directory.parent / f".{self.tag}.lock"))
         try:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire(timeout=0)
-        except Timeout:
+        except Timeout:  # (an OSError too: first)
             raise UserError(f"another run is training {self.stage}/{self.tag} now (it holds {lock.lock_file}); wait "
                             f"for it to finish or stop it first") from None
+        except OSError as e:  # a read-only or full disk, no permission: nothing can be saved there
+            raise UserError(f"cannot write checkpoints under {self.directory.parent} ({e.strerror or e}); set "
+                            f"NANOJAX_BASE_DIR to a writable directory with room") from None
         self._lock = lock
 
     @property
@@ -365,26 +444,88 @@ class StageCheckpoints:
     # -- saving --------------------------------------------------------------------------------------------------------
 
     def save(self, step: int, params, opt_state, meta: dict, loader_state=None):
-        """Start an async save (after the previous one finished). Every process must call this at the same step."""
-        self.manager.wait_until_finished()  # one save in flight at a time
+        """Start an async save (after the previous one finished). Every process must call this at the same step.
+        A save that cannot be written raises CheckpointWriteError: here when the disk has no room for it, else at the
+        next save, wait() or close()."""
+        self._settle()  # one save in flight at a time
+        self._check_space(step, [params, opt_state])
         items = {"params": ocp.args.StandardSave(params), "data_state": data_state_item(loader_state),
                  "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        _quiet_failed_saves()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._write_error(step, e) from None
+        self._in_flight = step
+
+    def _check_space(self, step: int, trees):
+        """Refuse before writing when the file system has less room than a save takes: the size of the latest
+        checkpoint on disk, else the arrays' bytes (an upper bound: Orbax compresses)."""
+        if jax.process_index() != 0:
+            return
+        latest = self.latest_step()
+        try:
+            need = dir_size(self.step_path(latest)) if latest is not None else \
+                sum(x.nbytes for x in jax.tree.leaves(trees) if hasattr(x, "nbytes"))
+        except FileNotFoundError:  # rotated away meanwhile
+            return
+        where = next(p for p in (self.directory, *self.directory.parents) if p.exists())
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise self._write_error(step, None, f"no space left on the device (it has {_bytes(free)} free, a "
+                                                f"checkpoint takes about {_bytes(need)})")
+
+    def _write_error(self, step: int, e: BaseException | None, cause: str | None = None) -> CheckpointWriteError:
+        cause = cause or _write_cause(e)
+        self._failed = step
+        self._remove_failed()
+        latest = self.latest_step()
+        kept = (f"the latest complete checkpoint, {self.step_path(latest)}, is intact: continue from it with "
+                f"--resume" if latest is not None and latest != step else "no earlier checkpoint of this run exists")
+        return CheckpointWriteError(f"cannot save checkpoint {self.directory}/{step}: {cause}; {kept} once "
+                                    f"{self.directory} is writable and has room")
+
+    def _remove_failed(self):
+        """What a failed save left (again at close: Orbax's threads may still be writing into it the first time)."""
+        if self._failed is not None and jax.process_index() == 0:
+            shutil.rmtree(self.directory / f"{self._failed}{TMP_SUFFIX}", ignore_errors=True)
+
+    def _settle(self):
+        """Wait for the save in flight; record its files' sizes, or turn its failure into one line."""
+        step, self._in_flight = self._in_flight, None
+        if self._manager is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(step, e) from None
+        if step is not None and jax.process_index() == 0 and self.step_path(step).is_dir():
+            try:
+                record_files(self.step_path(step))
+            except OSError:
+                pass  # the save itself is complete; only its size check is lost
 
     def wait(self):
-        if self._manager is not None:
-            self._manager.wait_until_finished()
+        self._settle()
 
     def close(self):
-        if self._manager is not None:
-            self._manager.wait_until_finished()
-            self._manager.close()
-            self._manager = None
-        if self._lock is not None:  # (an early error skips this: the lock goes with the object, or the process)
-            self._lock.release()
-            self._lock = None
+        try:
+            self._settle()
+        finally:
+            if self._manager is not None:
+                with contextlib.suppress(Exception):  # after a failed save, Orbax may raise again here
+                    self._manager.close()
+                self._manager = None
+            self._remove_failed()
+            if self._lock is not None:  # (an early error skips this: the lock goes with the object, or the process)
+                self._lock.release()
+                self._lock = None
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 def _barrier(name: str):

@@ -24,8 +24,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from nanojax.checkpoint import (STAGES, check_items, complete_steps, find, interrupted_saves, missing_items, read_meta,
-                                restore_params, stage_dir, steps_text, tag_dir, tag_order)
+from nanojax.checkpoint import (STAGES, check_items, complete_steps, damaged_file, dir_size, find, interrupted_saves,
+                                missing_items, read_meta, restore_params, stage_dir, steps_text, tag_dir, tag_order)
 from nanojax.common import ArgumentParser, UserError, base_dir, cli, format_duration
 
 EXPORT_FORMAT = "nanojax-export-1"
@@ -33,10 +33,6 @@ EXPORT_FORMAT = "nanojax-export-1"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Sizes, for listings.
-
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
 
 def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -197,15 +193,17 @@ def list_checkpoints(stage: str | None = None) -> list[dict]:
             for step in complete_steps(d / t):
                 path = d / t / str(step)
                 missing = missing_items(path)  # opt_state / data_state are only needed to resume
+                problems = [f"missing {', '.join(missing)}"] if missing else []
                 meta = {}
                 if "meta" not in missing:
                     try:
                         meta = read_meta(path)
                     except UserError as e:
-                        missing.append(str(e).split(": ", 1)[-1])
+                        problems.append(str(e).split(": ", 1)[-1])
+                problems += [damaged_file(path)] if damaged_file(path) else []  # a stat per file, no reading
                 with contextlib.suppress(FileNotFoundError):
                     row = {"stage": s, "tag": t, "step": step, "path": str(path), "bytes": dir_size(path),
-                           "problem": f"damaged: missing {', '.join(missing)}" if missing else None,
+                           "problem": f"damaged: {'; '.join(problems)}" if problems else None,
                            "final": bool(meta.get("final")), "metrics": meta.get("metrics") or {}}
                     if path.is_dir():  # not deleted meanwhile by a running job's keep-last-K rotation
                         rows.append(row)
@@ -298,6 +296,9 @@ def _print_show(stage: str, tag: str | None, step: int | None):
     meta = read_meta(path)
     run = meta.get("run_config", {})
     print(f"{stage}/{tag} step {step}{' (final)' if meta.get('final') else ''}: {path}")
+    problem = next((r["problem"] for r in rows if r["step"] == step), None)
+    if problem:
+        print(f"WARNING: {problem}")
     def one(r):
         if r["step"] is None:
             return f"{Path(r['path']).name} ({r['problem']})"

@@ -333,6 +333,98 @@ def test_kill9_during_a_save_leaves_the_previous_checkpoint(base, compile_cache)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# A full or read-only disk: one line naming the cause, at once, and the checkpoints before it intact. The base directory
+# is a small tmpfs mounted in a private mount namespace (`unshare`), which needs unprivileged user namespaces.
+
+def _in_small_tmpfs(base: Path, size: str, script: str, cache, options="") -> subprocess.CompletedProcess:
+    shell = f"mount -t tmpfs -o size={size}{options} tmpfs {base} && {script}"
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell], capture_output=True,
+                          text=True, cwd=ROOT, env=_env(base, cache), timeout=300)
+
+
+def _can_mount_tmpfs(tmp_path) -> bool:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    return _in_small_tmpfs(probe, "1m", "true", tmp_path).returncode == 0
+
+
+@pytest.fixture
+def tmpfs_base(tmp_path):
+    if shutil.which("unshare") is None or not _can_mount_tmpfs(tmp_path):
+        pytest.skip("cannot mount a tmpfs in a private namespace here (unshare)")
+    base = tmp_path / "small_base"
+    base.mkdir()
+    return base
+
+
+def test_disk_full_at_a_save_stops_at_once_with_one_line(tmpfs_base, trained_tokenizer, compile_cache, corpus):
+    """A checkpoint takes ~3.3 MB; a 5 MB disk holds the step-3 one, not the step-6 one."""
+    python, base = sys.executable, tmpfs_base
+    train = " ".join(_train_cmd(corpus, "run")).replace(sys.executable, python)
+    r = _in_small_tmpfs(base, "5m", f"cp -r {trained_tokenizer} {base}/tokenizer && {{ {train}; echo exit $?; }} && "
+                                    f"{python} -m nanojax.checkpoint ls", compile_cache)
+    ckpt = base / "checkpoints" / "base" / "d2"
+    assert r.stderr.startswith(f"error: cannot save checkpoint {ckpt}/6: no space left on the device (it has ")
+    assert r.stderr.count("\n") == 1 and r.stderr.endswith(
+        f"); the latest complete checkpoint, {ckpt}/3, is intact: continue from it with --resume once {ckpt} is "
+        f"writable and has room\n"), r.stderr
+    assert "exit 2\n" in r.stdout and "step 00006/10" in r.stdout and "step 00007/10" not in r.stdout
+    listing = r.stdout.split("exit 2\n", 1)[1]
+    assert " 3, " not in listing and "damaged" not in listing and "interrupted" not in listing  # step 3 alone, whole
+    assert listing.splitlines()[1].split()[:4] == ["base", "d2", "3", "3"]
+
+
+DISK_FILLER = r"""
+import sys
+import jax
+from nanojax.checkpoint import StageCheckpoints
+from nanojax.common import cli
+
+def main():
+    ck = StageCheckpoints("base", "d2", keep=5)
+    small = {"w": jax.random.normal(jax.random.key(0), (64, 64))}
+    ck.save(1, small, None, {"step": 1}, {"pos": 1})
+    ck.save(2, small, None, {"step": 2}, {"pos": 2})  # waits for step 1 first
+    big = {f"w{i}": jax.random.normal(jax.random.key(i), (256, 1024)) for i in range(8)}  # 8 MB, incompressible
+    ck.save(3, big, None, {"step": 3}, {"pos": 3})  # room for one more small one: this one starts, then fails
+    print("save 3 started", flush=True)
+    try:
+        ck.save(4, small, None, {"step": 4}, {"pos": 4})
+    finally:
+        ck.close()
+
+cli(main)()
+"""
+
+
+def test_a_save_that_fails_while_writing_is_one_line_at_the_next_save(tmpfs_base, compile_cache):
+    python, base = sys.executable, tmpfs_base
+    r = _in_small_tmpfs(base, "2m", f"{{ {python} -c '{DISK_FILLER}'; echo exit $?; }} && find {base} -maxdepth 4 "
+                                    f"&& {python} -m nanojax.checkpoint ls", compile_cache)
+    ckpt = base / "checkpoints" / "base" / "d2"
+    assert r.stderr == (f"error: cannot save checkpoint {ckpt}/3: No space left on device; the latest complete "
+                        f"checkpoint, {ckpt}/2, is intact: continue from it with --resume once {ckpt} is writable and "
+                        f"has room\n")
+    assert "save 3 started\nexit 2\n" in r.stdout
+    # The failed save's leftovers are removed (Orbax's threads may still write a little after the error: then ls
+    # shows those as an interrupted save, and the next run's manager removes them).
+    assert f"{ckpt}/3\n" not in r.stdout and "damaged" not in r.stdout and "base   d2     1, 2" in r.stdout
+
+
+def test_a_read_only_base_directory_is_one_line(tmpfs_base, trained_tokenizer, compile_cache, corpus):
+    python, base = sys.executable, tmpfs_base
+    train = " ".join(_train_cmd(corpus, "run")).replace(sys.executable, python)
+    script = (f"cp -r {trained_tokenizer} {base}/tokenizer && mkdir -p {base}/runs/run {base}/checkpoints/base/d2 && "
+              f"mount -o remount,ro {base} && {{ {train}; echo exit $?; }}"
+              f" && {python} -m launch.base --help > /dev/null && ls -A {base}")
+    r = _in_small_tmpfs(base, "5m", script, compile_cache)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "Read-only file system" in r.stderr, \
+        r.stderr
+    assert str(base) in r.stderr and "NANOJAX_BASE_DIR" in r.stderr
+    assert r.stdout.endswith("exit 2\ncheckpoints\nruns\ntokenizer\n")  # nothing written
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # In-process: a checkpoint saved on 8 devices (test_models.py loads it anywhere).
 
 CFG = GPTConfig.from_depth(2, vocab_size=300, max_seq_len=64)  # what launch.base makes of --depth 2

@@ -1,6 +1,7 @@
 """Using checkpoints: load onto other meshes, the REPL object, generate/chat, ls/show/export, and clear errors for a
 checkpoint that is missing, rotated away while read, or damaged. (Saving and resuming: test_checkpoint.py.)"""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -185,8 +186,22 @@ def test_a_step_rotated_away_while_read_is_not_called_damaged(saved, monkeypatch
 def test_damaged_checkpoints_are_errors_not_skipped(saved, base, tmp_path, capsys):
     step_dir = checkpoint.tag_dir("base", "d2") / "5"
     data_files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    sizes = {p: p.stat().st_size for p in data_files}
     for p in data_files:  # truncate every data file of the params item
         p.write_bytes(p.read_bytes()[:16])
+    # The sizes recorded when the save completed find it by a stat: ls and show flag the step, load names the file.
+    first = sorted(str(p.relative_to(step_dir)) for p in data_files)[0]
+    truncated = f"its file {first} is truncated (16 of {sizes[step_dir / first]:,} bytes)"
+    with pytest.raises(UserError, match=rf"^checkpoint .*/5 is damaged: {re.escape(truncated)}; delete that "
+                                        rf"directory to use an earlier step$"):
+        models.load("base")
+    assert models.list_checkpoints()[0]["problem"] == f"damaged: {truncated}"
+    models.main(["ls"])
+    assert f"5: damaged: {truncated}" in capsys.readouterr().out
+    models.main(["show", "base"])
+    assert f"WARNING: damaged: {truncated}" in capsys.readouterr().out
+    # Without that record (a checkpoint saved before it existed): Orbax's read fails, and that is one line too.
+    (step_dir / checkpoint.FILES).unlink()
     with pytest.raises(UserError, match=r"checkpoint .*/5 is damaged: cannot read its params"):
         models.load("base")
     # From the command line: the one-line error and nothing else (no tracebacks from reads still in flight).
