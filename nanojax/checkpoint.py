@@ -118,6 +118,21 @@ def find(stage: str, tag: str | None = None, step: int | None = None) -> tuple[s
     return tag, step
 
 
+def trained_with(fingerprint: str) -> list[str]:
+    """"stage/tag/step" of every complete checkpoint whose meta names this tokenizer fingerprint."""
+    found = []
+    for stage in STAGES:
+        for tag in tags(stage):
+            for step in complete_steps(tag_dir(stage, tag)):
+                try:
+                    meta = json.loads((tag_dir(stage, tag) / str(step) / "meta" / "metadata").read_text())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(meta, dict) and meta.get("tokenizer") == fingerprint:
+                    found.append(f"{stage}/{tag}/{step}")
+    return found
+
+
 def missing_items(step_path: Path, needed=REQUIRED) -> list[str]:
     return [name for name in needed if not (step_path / name).is_dir()]
 
