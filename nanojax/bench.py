@@ -181,8 +181,8 @@ def fineweb_like_kept_fraction(seq_len: int, buffer_size: int = 1000, docs: int 
 
 
 def bench_data(args) -> dict:
-    """The Grain loader with 1, 2 and the default number of worker threads (and worker processes), beside the
-    hand-written loader it replaced, in one invocation on the same data."""
+    """The Grain loader with 1, 2 and the default number of worker threads, beside the hand-written loader it
+    replaced, in one invocation on the same data."""
     from nanojax.dataloader import DEFAULT_WORKERS, PretrainLoader
     from nanojax.dataloader_old import PackedLoader
     from tokenizer import get_tokenizer
@@ -193,9 +193,6 @@ def bench_data(args) -> dict:
     for w in sorted({1, 2, DEFAULT_WORKERS}):
         runs[f"grain, {w} thread{'s' * (w > 1)}"] = (
             lambda w=w: PretrainLoader(tok, args.source, "train", packing=args.packing, workers=w, **common))
-    if args.processes:
-        runs["grain, 2 processes"] = lambda: PretrainLoader(tok, args.source, "train", packing=args.packing,
-                                                             workers=2, processes=True, **common)
     results = {name: _loader_rate(make, args.seconds) for name, make in runs.items()}
     return {"bench": "data", "source": args.source, "rows": args.rows, "seq_len": args.max_seq_len,
             "packing": args.packing, "cpus": os.cpu_count(), "default_workers": DEFAULT_WORKERS, "loaders": results,
@@ -250,7 +247,6 @@ def main(argv=None):
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per loader (default 10)")
     p.add_argument("--packing", choices=PACKINGS, default="bestfit", help="default: bestfit")
-    p.add_argument("--processes", action="store_true", help="also time Grain worker processes (2)")
     p = sub.add_parser("tokenizer", help="BPE training and encoding MB/s")
     p.add_argument("--text-mb", type=float, default=20)
     p.add_argument("--vocab-size", type=int, default=8192)

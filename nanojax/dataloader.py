@@ -30,7 +30,7 @@ import numpy as np
 from nanojax import dataset
 from nanojax.common import UserError, print0
 from nanojax.config import PACKINGS
-DEFAULT_WORKERS = 2  # reader/tokenizer threads; `bench data` measured 2 best on 2 cores (docs/performance.md)
+DEFAULT_WORKERS = 2  # reader/tokenizer threads (`bench data`: 1 and 2 within noise on 2 cores, docs/performance.md)
 
 
 @dataclass
@@ -89,14 +89,12 @@ class Tokenize:
 
 
 def tokenized_groups(groups: RowGroups, tokenizer, start: int, *, workers: int = DEFAULT_WORKERS,
-                     processes: bool = False, loop: bool = True) -> grain.IterDataset:
+                     loop: bool = True) -> grain.IterDataset:
     """The row groups from position `start` of the repeated source (epoch x len + index), read and tokenized by
-    `workers` Grain threads (or worker processes), in order."""
+    `workers` Grain threads, in order. (Threads: tiktoken and pyarrow release the GIL; worker processes measured no
+    faster on 2 cores, docs/performance.md.)"""
     ds = grain.MapDataset.source(groups).repeat(None if loop else 1).map_with_index(Tokenize(groups, tokenizer))
     ds = ds[start:]
-    if processes:
-        return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers))
 
 
@@ -268,7 +266,7 @@ class PretrainLoader:
 
     def __init__(self, tokenizer, source, split: str, rows: int, seq_len: int, *, accum: int = 1, rank: int = 0,
                  world: int = 1, packing: str = "bestfit", buffer_size: int = 1000, workers: int = DEFAULT_WORKERS,
-                 processes: bool = False, state: dict | None = None, loop: bool = True):
+                 state: dict | None = None, loop: bool = True):
         check_packing(packing)
         self.rows, self.seq_len, self.accum, self.packing = rows, seq_len, accum, packing
         self.groups = RowGroups(source, split, rank, world)
@@ -283,8 +281,7 @@ class PretrainLoader:
             pos = 0
         elif self.groups[pos] != st.group:
             st = LoaderState(st.epoch, self.groups[pos], 0, st.buffer)
-        docs = tokenized_groups(self.groups, tokenizer, st.epoch * len(self.groups) + pos, workers=workers,
-                                processes=processes, loop=loop)
+        docs = tokenized_groups(self.groups, tokenizer, st.epoch * len(self.groups) + pos, workers=workers, loop=loop)
         packed = Pack(docs, self.groups, tokenizer, seq_len + 1, packing, st, buffer_size)
         self._batches = iter(packed.batch(rows, drop_remainder=True))
         self._packer = self._batches._parent  # the batch iterator's state is the packer's
