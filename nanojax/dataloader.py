@@ -140,7 +140,7 @@ class _PackIterator(grain.DatasetIterator):
         return (self._pending[-1][0] if self._pending else (self.group, self.doc))
 
     def epochs(self) -> float:
-        """Epochs of this process's row groups begun so far, as a fraction (1.37: a third of the way into the second)."""
+        """Epochs of this process's row groups begun so far, as a fraction (1.37: a third into the second)."""
         return self.epoch + self.groups.position(self.group) / len(self.groups)
 
     def kept_fraction(self) -> float:
@@ -220,7 +220,8 @@ class _StreamIterator(_PackIterator):
             take = min(len(tokens) - offset, self.row_len - filled)
             row[filled:filled + take] = tokens[offset:offset + take]
             filled += take
-            self._current = (ref, tokens, offset + take - (filled == self.row_len))  # the last token starts the next row
+            # A full row's last token is the next row's first.
+            self._current = (ref, tokens, offset + take - (filled == self.row_len))
         self.tokens_kept += self.row_len - 1
         self.rows += 1
         return row
@@ -355,8 +356,9 @@ class StreamBatches:
                 break
         stream = np.concatenate(parts)[:self.max_tokens + 1] if parts else np.zeros(0, np.int32)
         if len(stream) - 1 < self.max_tokens:
-            print0(f"note: {self.flag} {self.max_tokens:,} is more than {self.label} holds ({max(len(stream) - 1, 0):,} "
-                   f"tokens): evaluating all of it once instead")
+            held = max(len(stream) - 1, 0)
+            print0(f"note: {self.flag} {self.max_tokens:,} is more than {self.label} holds ({held:,} tokens): "
+                   f"evaluating all of it once instead")
         return stream
 
     @property
