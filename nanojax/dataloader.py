@@ -111,8 +111,6 @@ class _PackIterator(grain.DatasetIterator):
         self._skip = state.doc  # the first group read is the one the state names: its first `doc` documents are done
         self._pending: list = []  # documents of the current group not yet taken
         self.tokens_read = self.tokens_kept = 0
-        self.epochs_started = state.epoch + 1
-        self.rows = 0
 
     def _reload(self, refs) -> list:
         """The documents named by (group, doc) refs, re-read and re-tokenized (resume only)."""
@@ -128,7 +126,6 @@ class _PackIterator(grain.DatasetIterator):
             if epoch > self.epoch:
                 print0(f"warning: the data loader ran out of {self.groups.split} data and starts epoch {epoch + 1}: "
                        f"documents repeat from here on (download more shards or train fewer steps)")
-                self.epochs_started = epoch + 1
             self.epoch, self.group, self.doc = epoch, g, first
             self._pending = [((g, i), docs[i]) for i in range(len(docs) - 1, first - 1, -1)]  # reversed: pop() is next
         ref, tokens = self._pending.pop()
@@ -191,7 +188,6 @@ class _BestFitIterator(_PackIterator):
             filled += take
             self.tokens_read += len(tokens)
             self.tokens_kept += take
-        self.rows += 1
         return row
 
     def get_state(self) -> dict:
@@ -223,7 +219,6 @@ class _StreamIterator(_PackIterator):
             # A full row's last token is the next row's first.
             self._current = (ref, tokens, offset + take - (filled == self.row_len))
         self.tokens_kept += self.row_len - 1
-        self.rows += 1
         return row
 
     def kept_fraction(self) -> float:
