@@ -4,7 +4,7 @@ documents into rows of T+1 tokens with our packer, and hands the training loop o
     RowGroups (this process's row groups: g = rank, rank + world, ...)      grain.MapDataset.source
       -> repeat (epochs) -> read + tokenize each group (BOS first)           .repeat().map_with_index()
       -> start at the resume point, prefetched by worker threads             [start:].to_iter_dataset(ReadOptions)
-      -> BestFitPack or StreamPack (ours): rows of T+1 tokens               an IterDataset with its own state
+      -> Pack, bestfit or stream (ours): rows of T+1 tokens                 an IterDataset with its own state
       -> rows per micro-batch -> next_step(): inputs/targets (A, R, T)       .batch(R)
 
 Packing (`--packing`): `bestfit` (default) fills each row from a buffer of documents, taking the largest one that fits
@@ -29,7 +29,8 @@ import numpy as np
 
 from nanojax import dataset
 from nanojax.common import UserError, print0
-from nanojax.config import PACKINGS
+from nanojax.config import check_packing
+
 DEFAULT_WORKERS = 2  # reader/tokenizer threads (`bench data`: 1 and 2 within noise on 2 cores, docs/performance.md)
 
 
@@ -248,11 +249,6 @@ class Pack(grain.IterDataset):
         return f"Pack({self.packing}, row_len={self.row_len})"
 
 
-def check_packing(packing: str):
-    if packing not in PACKINGS:
-        raise UserError(f"--packing {packing!r}: use one of {', '.join(PACKINGS)}")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The loader the training loop calls.
 
@@ -280,7 +276,7 @@ class PretrainLoader:
         docs = tokenized_groups(self.groups, tokenizer, st.epoch * len(self.groups) + pos, workers=workers, loop=loop)
         packed = Pack(docs, self.groups, tokenizer, seq_len + 1, packing, st, buffer_size)
         self._batches = iter(packed.batch(rows, drop_remainder=True))
-        self._packer = self._batches._parent  # the batch iterator's state is the packer's
+        self._packer = self._batches._parent  # (Grain's batch iterator wraps ours and returns its state)
 
     def next_batch(self) -> np.ndarray:
         """(rows, T+1) int32."""
