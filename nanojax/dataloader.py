@@ -16,7 +16,10 @@ it into rows anywhere, consecutive rows sharing one token, so every token is an 
 State is small and exact: the next document to read, by (row group, index), and the documents held by the packer, by
 address (plus the offset into the current one for `stream`). Resuming rebuilds the pipeline at that row group and
 re-reads and re-tokenizes the held documents, so the next rows equal those of an uninterrupted run, across epochs too.
-No tokens are stored. The state is saved as the checkpoint's `data_state` item (nanojax/checkpoint.py).
+No tokens are stored. The state is saved as the checkpoint's `data_state` item (nanojax/checkpoint.py): every
+process's state gathered into one JSON item of the same Orbax checkpoint, rather than through Grain's Orbax handler,
+which writes one file per process and restores only onto the same process count (a resume on another count continues
+from the first row group no process had reached).
 """
 from __future__ import annotations
 
