@@ -318,9 +318,9 @@ def test_registry_wheel_timeout_is_a_user_error(tmp_path, monkeypatch):
         common.registry_wheel("my-pkg", "1.0", tmp_path / "cache", timeout=5)
 
 
-CLI_MODULES = ["nanojax.dataset", "tokenizer.train", "tokenizer.eval", "launch.base", "evals.base", "evals.chat",
-               "evals.core_bundle", "serve.cli", "nanojax.checkpoint", "nanojax.report", "nanojax.bench",
-               "launch.presets", "launch.pipeline"]
+CLI_MODULES = ["nanojax.dataset", "tokenizer.train", "tokenizer.eval", "launch.base", "launch.mid", "launch.sft",
+               "evals.base", "evals.chat", "evals.core_bundle", "serve.cli", "nanojax.models", "nanojax.report",
+               "nanojax.bench", "launch.presets", "launch.pipeline"]
 
 
 def test_every_flag_of_every_command_has_help_with_its_default(monkeypatch):

@@ -147,8 +147,8 @@ def test_export_round_trip_without_jax(saved, base, tmp_path):
 # Bad input: each a clear error naming what was found.
 
 def test_missing_stage_tag_or_step(saved):
-    with pytest.raises(UserError, match=r"no sft checkpoints .*; nanojax cannot train the sft stage yet; found: "
-                                        r"base/d2 \(steps 5\)"):
+    with pytest.raises(UserError, match=r"no sft checkpoints .*; train that stage first \(python -m launch.sft\); "
+                                        r"found: base/d2 \(steps 5\)"):
         models.load("sft")
     with pytest.raises(UserError, match="no base checkpoint with tag 'd9'; found tags: d2"):
         models.load("base", tag="d9")
