@@ -522,6 +522,12 @@ class StageCheckpoints:
             except OSError:
                 pass  # the save itself is complete; only its size check is lost
 
+    def poll(self):
+        """Cheap, for every step: once the save in flight has ended, settle it, so a save that failed in the background
+        stops the run now rather than at the next save. One process only (settling may be collective on several)."""
+        if self._in_flight is not None and jax.process_count() == 1 and not self._manager.is_saving_in_progress():
+            self._settle()
+
     def wait(self):
         self._settle()
 
