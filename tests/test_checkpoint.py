@@ -357,6 +357,7 @@ def tmpfs_base(tmp_path):
     return base
 
 
+@pytest.mark.slow  # trains 6 steps in a subprocess
 def test_disk_full_at_a_save_stops_at_once_with_one_line(tmpfs_base, trained_tokenizer, compile_cache, corpus):
     """A checkpoint takes ~3.3 MB; a 5 MB disk holds the step-3 one, not the step-6 one."""
     python, base = sys.executable, tmpfs_base
