@@ -477,9 +477,8 @@ class StageCheckpoints:
 
     def _check_space(self, step: int, trees):
         """Refuse before writing when the file system has less room than a save takes: the size of the latest
-        checkpoint on disk, else the arrays' bytes (an upper bound: Orbax compresses)."""
-        if jax.process_index() != 0:
-            return
+        checkpoint on disk, else the arrays' bytes (an upper bound: Orbax compresses). Every process checks, so on
+        shared storage all of them stop together."""
         latest = self.latest_step()
         try:
             need = dir_size(self.step_path(latest)) if latest is not None else \
