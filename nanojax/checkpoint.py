@@ -477,9 +477,8 @@ class StageCheckpoints:
 
     def _check_space(self, step: int, trees):
         """Refuse before writing when the file system has less room than a save takes: the size of the latest
-        checkpoint on disk, else the arrays' bytes (an upper bound: Orbax compresses)."""
-        if jax.process_index() != 0:
-            return
+        checkpoint on disk, else the arrays' bytes (an upper bound: Orbax compresses). Every process checks, so on
+        shared storage all of them stop together."""
         latest = self.latest_step()
         try:
             need = dir_size(self.step_path(latest)) if latest is not None else \
@@ -521,6 +520,12 @@ class StageCheckpoints:
                 record_files(self.step_path(step))
             except OSError:
                 pass  # the save itself is complete; only its size check is lost
+
+    def poll(self):
+        """Cheap, for every step: once the save in flight has ended, settle it, so a save that failed in the background
+        stops the run now rather than at the next save. One process only (settling may be collective on several)."""
+        if self._in_flight is not None and jax.process_count() == 1 and not self._manager.is_saving_in_progress():
+            self._settle()
 
     def wait(self):
         self._settle()

@@ -426,6 +426,7 @@ def run(stage: Stage, model_cfg: GPTConfig, cfg: TrainConfig, tokenizer) -> dict
                            f" | eta {format_duration(eta(step, ema_dt or dt))}")
                     log_metrics({"step": step, "loss": loss, "lr_multiplier": lr, "dt": dt, "tok_per_s": tok_s,
                                  "mfu": mfu, "progress": history["progress"], **extra})
+                    ckpt.poll()  # a save that failed in the background stops the run here, in one line
                     if step == num_iterations:
                         break  # the end: a stop signal now just lets the final eval and save below finish
                     stopping = stop.requested()
