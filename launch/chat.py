@@ -47,8 +47,9 @@ def add_run_flags(p, defaults: dict, extra: tuple = ()):
     """RUN_FLAGS and the stage's `extra` TrainConfig fields as flags; inherited ones default to None ("not given")."""
     from nanojax.config import TrainConfig, add_dataclass_args
 
+    helps = {k: v for k, v in HELPS.items() if k not in defaults}  # a stage's own default is not the parent's
     add_dataclass_args(p, TrainConfig, {name: None for name in INHERITED} | defaults, only=RUN_FLAGS + extra,
-                       helps=HELPS)
+                       helps=helps)
 
 
 def parent_checkpoint(stage: str, tag: str | None, step: int | None):
@@ -66,13 +67,13 @@ def parent_checkpoint(stage: str, tag: str | None, step: int | None):
 
 
 def run_config(args, stage_defaults: dict, parent_meta: dict, model_cfg):
-    """TrainConfig from the flags given, else the parent's settings (INHERITED), else the stage's defaults."""
+    """TrainConfig from the flags given, else the stage's own defaults, else the parent's settings (INHERITED); the
+    model's shape always from the parent."""
     from nanojax.config import TrainConfig
 
     saved = parent_meta.get("run_config", {})
     inherited = {name: saved.get(name) for name in INHERITED if saved.get(name) is not None}
-    inherited.update(depth=model_cfg.depth, n_kv_head=model_cfg.n_kv_head)
-    values = {**stage_defaults, **inherited}
+    values = {**inherited, **stage_defaults, "depth": model_cfg.depth, "n_kv_head": model_cfg.n_kv_head}
     for field in dataclasses.fields(TrainConfig):
         if getattr(args, field.name, None) is not None:
             values[field.name] = getattr(args, field.name)

@@ -32,7 +32,7 @@ def parse_args(argv=None):
                    help="MMLU and ARC-Easy accuracy every N steps and at the end; -1: only at the end (default: 200)")
     p.add_argument("--eval-metrics-max-problems", type=int, default=None,
                    help="problems per task for those (default: 1024; 64 on CPU)")
-    chat.add_run_flags(p, {**DEFAULTS, "device_batch_size": None})
+    chat.add_run_flags(p, DEFAULTS)
     return p.parse_args(argv)
 
 
@@ -58,8 +58,7 @@ def main(argv=None):
     train_mix = build_mixture("sft-train", scale=scale, identity=args.identity)  # bad names fail before any work
     val_mix = build_mixture("sft-val", scale=scale, identity=args.identity)
     path, meta, model_cfg = chat.parent_checkpoint(args.parent, args.model_tag, args.model_step)
-    # The device batch is SFT's own (4, as nanochat), not the parent's: rows here are whole conversations.
-    cfg = chat.run_config(args, {**DEFAULTS, "device_batch_size": args.device_batch_size or 4}, meta, model_cfg)
+    cfg = chat.run_config(args, DEFAULTS, meta, model_cfg)  # SFT's device batch is its own (rows are conversations)
 
     meshlib.init_distributed()
     mesh = meshlib.make_mesh(cfg.mesh)
