@@ -1,0 +1,261 @@
+"""RL (nanojax/rl.py, launch/rl.py): rewards from "####" answers, group advantages, the update batch's mask and
+weights, the policy-gradient loss against a hand-computed gradient, rollouts through the engine (one batched call,
+forced calculator output masked), the loader's exact resume, and the CLI's bad input."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evals.tasks import GSM8K
+from nanojax import gpt, rl
+from nanojax.common import UserError
+from nanojax.config import GPTConfig
+from nanojax.engine import Engine
+from tokenizer import Tokenizer
+
+CFG = GPTConfig(vocab_size=300, depth=2, model_dim=64, n_head=4, n_kv_head=2, head_dim=16, max_seq_len=128)
+WORDS = "what is plus minus times the of and a to she has eggs apples 1 2 3 4 5 6 7 8 9 0 #### = + - *".split()
+
+# Stand-in rows in GSM8K's format (question, answer with <<expr=result>> calculator marks and "#### N").
+ROWS = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
+        for a, b in ((1, 2), (3, 4), (5, 1), (2, 2), (6, 3), (4, 4), (7, 1), (9, 0))]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    rng = np.random.default_rng(0)
+    return Tokenizer.train(iter(" ".join(rng.choice(WORDS, 40)) for _ in range(300)), CFG.vocab_size)
+
+
+def random_params(cfg=CFG, seed=0):
+    """Init zeroes the head and output projections: fill every weight so the logits depend on all of them."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) / math.sqrt(x.shape[-2])),
+                        gpt.abstract_params(cfg))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rewards: the first "####" number, commas removed, equal to the reference's.
+
+@pytest.mark.parametrize("completion, reward", [
+    ("3 + 4 = 7\n#### 7", 1.0),
+    ("<|python_start|>3+4<|python_end|><|output_start|>7<|output_end|>\n#### 7", 1.0),  # a tool-call answer
+    ("#### 8", 0.0),
+    ("no answer at all: 7", 0.0),
+    ("#### 7\n#### 8", 1.0),   # the first answer counts
+    ("#### 8\n#### 7", 0.0),
+])
+def test_reward_of_a_completion(completion, reward):
+    assert GSM8K("test").reward(ROWS[1], completion) == reward
+
+
+@pytest.mark.parametrize("reference, completion, reward", [
+    ("1234", "#### 1,234", 1.0),     # commas removed
+    ("1,234", "#### 1234", 1.0),
+    ("-5", "so #### -5", 1.0),       # negative
+    ("-5", "#### 5", 0.0),
+    ("2.5", "#### 2.5", 1.0),        # decimal
+    ("2.5", "#### 25", 0.0),
+])
+def test_reward_numbers(reference, completion, reward):
+    row = {"question": "q", "answer": f"work\n#### {reference}"}
+    assert GSM8K("test").reward(row, completion) == reward
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Advantages, pass@k, widths, seeds.
+
+def test_group_advantages_subtract_each_question_mean():
+    rewards = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0]], np.float32)
+    np.testing.assert_array_equal(rl.group_advantages(rewards),
+                                  [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [0.25, 0.25, 0.25, -0.75]])
+
+
+def test_pass_at_k_uses_the_first_k_samples():
+    correct = np.array([[0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 1]], bool)
+    assert [rl.pass_at_k(correct, k) for k in (1, 2, 3)] == [0.25, 0.5, 0.75]
+
+
+def test_width_buckets_are_few():
+    assert [rl.width_bucket(n, 2048) for n in (1, 64, 65, 96, 97, 129, 200, 300, 1000)] == \
+        [64, 64, 96, 96, 128, 192, 256, 384, 1024]
+    assert rl.width_bucket(300, 256) == 256
+    assert len({rl.width_bucket(n, 2048) for n in range(1, 2049)}) == 11  # 64, 96, ..., 1536, 2048
+
+
+def test_sampling_seeds_depend_on_every_part_only():
+    assert rl.sampling_seed(0, 5, 80) == rl.sampling_seed(0, 5, 80)
+    assert len({rl.sampling_seed(0, s, q) for s in range(20) for q in range(20)}) == 400
+    assert 0 <= rl.sampling_seed(2 ** 40, -1) < 2 ** 31
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The update batch: what is trained, with which weight.
+
+def test_loss_mask_excludes_prompt_forced_output_and_padding():
+    P, S, F, pad = 7, 11, 13, 99  # prompt, sampled and forced token ids; pad id
+    seqs = [[P, P, P, S, S, F, F, S], [P, P, P, S], [P, P, S, S, S], [P, P, S]]
+    masks = [[0, 0, 0, 1, 1, 0, 0, 1], [0, 0, 0, 1], [0, 0, 1, 1, 1], [0, 0, 1]]
+    adv = np.array([[1.0, -1.0], [0.5, -0.5]], np.float32)
+    inputs, targets, weights = rl.policy_gradient_rows(seqs, masks, adv, num_questions=4, pad_id=pad, width=8)
+    assert inputs[0].tolist() == [P, P, P, S, S, F, F, pad]
+    assert targets[0].tolist() == [-1, -1, S, S, -1, -1, S, -1]  # targets = seq[1:], trained where the mask is 1
+    assert targets[1].tolist() == [-1, -1, S] + [-1] * 5 and inputs[1].tolist() == [P, P, P] + [pad] * 5
+    assert targets[2].tolist() == [-1, S, S, S] + [-1] * 4 and targets[3].tolist() == [-1, S] + [-1] * 6
+    assert ((weights != 0) == (targets >= 0)).all()
+    # Question 0 has 3 + 1 trained tokens, question 1 has 3 + 1; 4 questions in the whole step.
+    np.testing.assert_allclose(weights[0][targets[0] >= 0], 1.0 / (4 * 4))
+    np.testing.assert_allclose(weights[1][targets[1] >= 0], -1.0 / (4 * 4))
+    np.testing.assert_allclose(weights[2][targets[2] >= 0], 0.5 / (4 * 4))
+    np.testing.assert_allclose(weights[3][targets[3] >= 0], -0.5 / (4 * 4))
+
+
+def test_rl_loss_gradient_equals_the_hand_computed_one():
+    """grad of the loop's weighted loss, sum(weights x nats), equals the grad of the objective written out directly:
+    -(1/Q) sum_q (1/T_q) sum_n A_qn sum_t log p(token_t), over the sampled tokens only."""
+    cfg = GPTConfig(vocab_size=64, depth=2, model_dim=32, n_head=2, n_kv_head=2, head_dim=16, max_seq_len=32)
+    params = random_params(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    Q, N = 2, 3
+    seqs, masks = [], []
+    for r in range(Q * N):
+        prompt, completion = int(rng.integers(2, 6)), int(rng.integers(1, 9))
+        seqs.append(rng.integers(0, cfg.vocab_size, prompt + completion).tolist())
+        masks.append([0] * prompt + [int(m) for m in rng.random(completion) < 0.8])  # some "forced" tokens
+    rewards = rng.integers(0, 2, (Q, N)).astype(np.float32)
+    rewards[0] = [1, 0, 0]
+    adv = rl.group_advantages(rewards)
+    inputs, targets, weights = rl.policy_gradient_rows(seqs, masks, adv, num_questions=Q, pad_id=0, width=16)
+
+    @jax.jit
+    def weighted_loss(p):
+        return jnp.sum(weights * gpt.token_losses(p, inputs, targets, cfg, remat=False))
+
+    # The same objective built from the rollouts alone: log-softmax of the plain forward at each sampled token.
+    T = inputs.shape[1]
+    padded = np.zeros((Q * N, T + 1), np.int32)
+    trained = np.zeros((Q * N, T), np.float32)
+    for r, (seq, mask) in enumerate(zip(seqs, masks)):
+        padded[r, :len(seq)] = seq
+        trained[r, :len(seq) - 1] = mask[1:]
+    tokens_Q = trained.reshape(Q, N, T).sum(axis=(1, 2))
+    scale = (adv / tokens_Q[:, None]).reshape(Q * N, 1)
+
+    @jax.jit
+    def direct_objective(p):
+        logp = jax.nn.log_softmax(gpt.forward(p, padded[:, :-1], cfg), axis=-1)
+        picked = jnp.take_along_axis(logp, padded[:, 1:, None], axis=-1)[..., 0]
+        return -jnp.sum(picked * trained * scale) / Q
+
+    np.testing.assert_allclose(weighted_loss(params), direct_objective(params), rtol=1e-5, atol=1e-7)
+    got, want = jax.grad(weighted_loss)(params), jax.grad(direct_objective)(params)
+    norm = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
+    assert norm > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * norm), got, want)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollouts through the real engine.
+
+class ToolEngine(Engine):
+    """The real engine around a scripted next-token rule: after <|assistant_start|> the model calls the calculator on
+    "3+4" (then writes "#### 7"); the engine must force the output in. Sampling at any temperature
+    gives the same tokens (the script's logits are one-hot x 30)."""
+
+    def script(self, chain):
+        table = np.full(self.cfg.vocab_size, self.tokenizer.encode_special("<|assistant_end|>"), np.int32)
+        for a, b in zip(chain, chain[1:]):
+            table[a] = b
+        self._params = {**self._params, "bigram": jnp.asarray(table)}
+
+    def _forward(self, params, tokens_BT, cache, last=None):
+        logits, new_cache = super()._forward(params, tokens_BT, cache, last)
+        nxt = params["bigram"][tokens_BT]
+        if last is not None:
+            nxt = jax.lax.dynamic_slice_in_dim(nxt, last, 1, axis=1)
+        return 30.0 * jax.nn.one_hot(nxt, self.cfg.vocab_size), new_cache
+
+
+def byte_ids(tok, text):
+    ids = {tok.id_to_token_bytes(i): i for i in range(256)}
+    return [ids[bytes([b])] for b in text.encode()]
+
+
+def test_rollout_masks_the_forced_calculator_output(tok):
+    sp = tok.encode_special
+    tool = [sp("<|python_start|>")] + byte_ids(tok, "3+4") + [sp("<|python_end|>")]
+    forced = [sp("<|output_start|>")] + tok.encode("7") + [sp("<|output_end|>")]
+    answer = tok.encode("\n#### 7")  # no token twice: a bigram script
+    sampler = rl.Sampler(CFG, tok, dtype=jnp.float32)
+    sampler.engine = ToolEngine(random_params(), CFG, tok, dtype=jnp.float32)
+    sampler.engine.script([sp("<|assistant_start|>")] + tool + [sp("<|output_end|>")] + answer)
+    params = sampler.engine.params
+    sampler.load = lambda p: sampler.engine  # keep the script's params
+    prompts = [tok.render_for_completion([{"role": "user", "content": r["question"]}]) for r in ROWS[:2]]
+    out = sampler.sample(params, prompts, ROWS[:2], GSM8K("test").reward, num_samples=2, seed=0, temperature=1.0,
+                         top_k=50, max_tokens=32)
+    completion = tool + forced + answer
+    assert out["seqs"] == [prompts[q] + completion for q in (0, 0, 1, 1)]
+    assert out["rewards"].tolist() == [[0.0, 0.0], [1.0, 1.0]]  # 3+4 = 7 is question 1's answer
+    assert out["tools"].all() and (out["lengths"] == len(completion)).all()
+    inputs, targets, weights = rl.policy_gradient_rows(out["seqs"], out["masks"], rl.group_advantages(out["rewards"]),
+                                                       num_questions=2, pad_id=0, width=64)
+    row = targets[0][len(prompts[0]) - 1:len(prompts[0]) - 1 + len(completion)]
+    assert row.tolist() == tool + [-1] * len(forced) + answer  # forced tokens are never trained
+    assert not weights.any()  # every question's samples agree: no advantage, no update
+
+
+@pytest.fixture(scope="module")
+def sampler(tok):
+    return rl.Sampler(CFG, tok, dtype=jnp.float32)
+
+
+def _loader(sampler, tok, state=None, **kw):
+    prompts = [tok.render_for_completion([{"role": "user", "content": r["question"]}]) for r in ROWS]
+    args = dict(examples_per_step=2, num_samples=4, rows_per_micro_batch=3, pad_id=tok.encode_special(
+        "<|assistant_end|>"), seed=7, sampling=dict(temperature=1.0, top_k=50, max_tokens=12), state=state)
+    return rl.RLLoader(sampler, ROWS, prompts, lambda row, text: float(len(text) % 2), **{**args, **kw})
+
+
+def test_one_engine_call_per_step_and_the_batch_layout(sampler, tok):
+    params = random_params()
+    loader = _loader(sampler, tok)
+    sampler.load(params)
+    calls = []
+    real = sampler.engine.generate_batch
+    sampler.engine.generate_batch = lambda *a, **k: calls.append(len(a[0])) or real(*a, **k)
+    try:
+        batch = loader.next_step(params)
+    finally:
+        del sampler.engine.generate_batch
+    assert calls == [2]  # the step's 2 questions x 4 samples in one call
+    A, R, T = batch["inputs"].shape
+    assert (A, R) == (3, 3) and T in (64, 96) and batch["targets"].shape == batch["weights"].shape == (A, R, T)
+    flat_t, flat_w = batch["targets"].reshape(A * R, T), batch["weights"].reshape(A * R, T)
+    assert (flat_t[8:] == -1).all() and not flat_w[8:].any()  # one padding row fills the last micro-batch
+    m = loader.step_metrics()
+    assert set(m) >= {"reward", "pass@1", "pass@4", "completion_len", "tool_share", "sample_tok_per_s", "update_s"}
+    assert loader.state() == {"step": 1} and loader.questions(1) == [2, 3] and loader.questions(4) == [0, 1]
+
+
+def test_a_restored_loader_draws_the_same_samples(sampler, tok):
+    params = random_params(seed=1)
+    first = _loader(sampler, tok)
+    batches = [first.next_step(params) for _ in range(2)]
+    resumed = _loader(sampler, tok, state=first.state())
+    again = _loader(sampler, tok, state={"step": 1})
+    b1 = again.next_step(params)
+    for key in batches[1]:
+        np.testing.assert_array_equal(b1[key], batches[1][key])
+    assert resumed.state() == {"step": 2}
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_samples=1), "--num-samples 1"),
+    (dict(examples_per_step=3, world=2), "--examples-per-step 3"),
+])
+def test_bad_loader_settings_are_user_errors(sampler, tok, kw, message):
+    with pytest.raises(UserError, match=message):
+        _loader(sampler, tok, **kw)
