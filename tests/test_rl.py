@@ -259,3 +259,38 @@ def test_a_restored_loader_draws_the_same_samples(sampler, tok):
 def test_bad_loader_settings_are_user_errors(sampler, tok, kw, message):
     with pytest.raises(UserError, match=message):
         _loader(sampler, tok, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLI: bad input is one line, before any sampling.
+
+def _cli_error(argv, capsys):
+    from launch import rl as launch_rl
+    with pytest.raises(SystemExit) as e:
+        launch_rl.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_without_an_sft_checkpoint_names_the_stage_to_run(base_dir, tok, capsys):
+    tok.save(base_dir / "tokenizer")
+    err = _cli_error([], capsys)
+    assert "no sft checkpoints" in err and ("launch.sft" in err or "cannot train the sft stage" in err)
+    assert "no mid checkpoints" in _cli_error(["--source", "mid"], capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-samples", "1"], "--num-samples 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--source", "base"], "--source"),
+    (["--mesh", "3"], "3"),
+])
+def test_cli_bad_flags(argv, message, capsys):
+    assert message in _cli_error(argv, capsys)
+
+
+def test_cli_examples_per_step_must_split_across_processes(monkeypatch, capsys):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert "--examples-per-step 3" in _cli_error(["--examples-per-step", "3"], capsys)

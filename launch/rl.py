@@ -1,0 +1,191 @@
+r"""Stage 5: reinforcement learning on GSM8K with the calculator tool (nanochat's chat_rl).
+
+    python -m launch.rl                              # from the latest SFT checkpoint (on CPU: a short demo run)
+    python -m launch.rl --source mid --mesh 8        # from mid-training, on 8 devices
+    python -m launch.rl --resume                     # continue an interrupted run exactly
+
+Each step samples --num-samples completions of each of --examples-per-step training questions (temperature 1, top-k
+50, at most --max-new-tokens, calculator live) in one batched engine call, rewards 1 when the "#### N" answer equals
+the reference, and takes one REINFORCE step with the group-mean baseline through the training loop: no KL, no ratio
+clipping, fresh optimizers at --init-lr-frac of the base learning rates decaying linearly to 0, no gradient clipping.
+Every --eval-every steps (and at step 0 and the end): val_pass@1..k on --eval-examples held-out problems.
+
+Offline, GSM8K train cannot be downloaded from Hugging Face: the run then trains on the generated "Arithmetic" word
+problems (GSM8K's format, offline substitute) and evaluates on their test split, never on GSM8K test rows, and says
+so in the log, the checkpoint's meta and the report.
+"""
+from __future__ import annotations
+
+import argparse
+
+from nanojax.common import ArgumentParser, UserError, check_args, cli, print0
+
+# nanochat's settings (GPUs), and a short run that shows learning on the demo SFT model on 2 CPU cores.
+DEFAULTS = {
+    "gpu": dict(examples_per_step=16, num_samples=16, max_new_tokens=256, device_batch_size=8, num_iterations=-1,
+                eval_every=60, eval_examples=400, eval_samples=8, save_every=60, init_lr_frac=0.05),
+    "cpu": dict(examples_per_step=8, num_samples=8, max_new_tokens=64, device_batch_size=64, num_iterations=40,
+                eval_every=20, eval_examples=32, eval_samples=4, save_every=-1, init_lr_frac=0.05),
+}
+TASKS = ("GSM8K", "Arithmetic")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m launch.rl", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="sft", choices=("sft", "mid"), help="the stage to start from (default sft)")
+    p.add_argument("--model-tag", default=None, help="that stage's tag, e.g. d20 (default: the largest)")
+    p.add_argument("--model-step", type=int, default=None, help="that tag's step (default: the latest)")
+    p.add_argument("--task", default="GSM8K", choices=TASKS,
+                   help="training questions (default GSM8K; offline it falls back to Arithmetic)")
+    p.add_argument("--mesh", default="1", help="devices: 1, 8 (data:8), data:2,fsdp:4, ... (default 1)")
+    cpu = " (default: %s on GPUs, %s on CPU)"
+    for name, kind, text in (
+            ("num-iterations", int, "optimizer steps; -1 = one pass over the training questions"),
+            ("examples-per-step", int, "questions per step, across all processes"),
+            ("num-samples", int, "completions sampled per question"),
+            ("max-new-tokens", int, "longest completion"),
+            ("device-batch-size", int, "update rows per device per micro-batch"),
+            ("eval-every", int, "steps between evaluations (-1: only at step 0 and the end)"),
+            ("eval-examples", int, "held-out problems per evaluation"),
+            ("eval-samples", int, "samples per held-out problem: val_pass@1..this"),
+            ("save-every", int, "steps between checkpoints (-1: only at the end)"),
+            ("init-lr-frac", float, "learning rates as a fraction of the base ones, then linear to 0")):
+        key = name.replace("-", "_")
+        p.add_argument("--" + name, type=kind, default=None,
+                       help=text + cpu % (DEFAULTS["gpu"][key], DEFAULTS["cpu"][key]))
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    p.add_argument("--run", default="", help="run directory under runs/ (default rl-d<depth>)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seeds derive from it, the step and the question")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    return p.parse_args(argv)
+
+
+def fill_defaults(args, backend: str):
+    """Flags left unset take the backend's defaults (CPU: the demo run; else nanochat's)."""
+    for key, value in DEFAULTS["cpu" if backend == "cpu" else "gpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_args(args, positive=("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size",
+                               "eval_examples", "eval_samples", "init_lr_frac", "keep"),
+               non_negative=("temperature", "top_k", "matrix_lr", "embedding_lr", "unembedding_lr"))
+    if args.num_samples < 2:
+        raise UserError(f"--num-samples {args.num_samples}: RL compares each sample with the others of its question "
+                        f"(advantage = reward - the group's mean), so it needs at least 2")
+    if not (args.num_iterations > 0 or args.num_iterations == -1):
+        raise UserError(f"--num-iterations {args.num_iterations}: a positive number, or -1 for one pass")
+    return args
+
+
+def load_questions(task_name: str):
+    """(train task, held-out task, description): GSM8K train and test, or offline the Arithmetic substitute for
+    both (never GSM8K test rows for training; evaluating on the substitute's test split keeps eval and training on
+    the same kind of problem)."""
+    from evals.tasks import get_task, load_task
+
+    train = load_task(task_name, "train")
+    substitute = getattr(train, "substitute_for", None) if train.name != task_name else None
+    if substitute:
+        test = get_task(train.name, "test", size=REAL_TEST_SIZE)
+        note = (f"offline: {task_name} train could not be downloaded; training on the generated {train.name} word "
+                f"problems (offline substitute for {task_name}) and evaluating on {train.name} test")
+    else:
+        test = load_task(task_name, "test") if task_name != "Arithmetic" else get_task("Arithmetic", "test")
+        note = f"{train.name} train ({train.source}), evaluated on {test.name} test"
+    return train, test, note
+
+
+REAL_TEST_SIZE = 1319  # GSM8K test's size: the substitute's test split is as large
+
+
+def prompts_that_fit(task, tokenizer, room: int, limit: int | None = None):
+    """(rows, prompt ids) of the rows whose prompt leaves `room` positions of the context for the completion."""
+    rows, prompts = [], []
+    for row in (task.rows if limit is None else task.rows[:limit]):
+        ids = tokenizer.render_for_completion(task.to_conversation(row))
+        if len(ids) <= room:
+            rows.append(row)
+            prompts.append(ids)
+    return rows, prompts
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    import jax
+
+    from nanojax import checkpoint, mesh as meshlib, rl, train
+    from nanojax.config import GPTConfig, TrainConfig
+
+    meshlib.init_distributed()  # before any other jax call
+    fill_defaults(args, jax.default_backend())
+    mesh = meshlib.make_mesh(args.mesh)  # validates the spec before loading anything
+    world, rank = jax.process_count(), jax.process_index()
+    if args.examples_per_step % world:
+        raise UserError(f"--examples-per-step {args.examples_per_step} does not split across {world} processes; use "
+                        f"a multiple of {world}")
+    parent = checkpoint.load(args.source, args.model_tag, args.model_step)  # a missing one names the stage to run
+    model_cfg, tok, tag, step = parent.config, parent.tokenizer, parent.tag, parent.step
+    if args.max_new_tokens >= model_cfg.max_seq_len:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a question in the model's "
+                        f"context of {model_cfg.max_seq_len} tokens")
+
+    train_task, test_task, data_note = load_questions(args.task)
+    print0(f"rl: {data_note}")
+    room = model_cfg.max_seq_len - args.max_new_tokens
+    rows, prompts = prompts_that_fit(train_task, tok, room)
+    eval_rows, eval_prompts = prompts_that_fit(test_task, tok, room, args.eval_examples)
+    dropped = len(train_task) - len(rows)
+    if dropped:
+        print0(f"rl: {dropped} of {len(train_task)} training questions are longer than {room} tokens (context "
+               f"{model_cfg.max_seq_len} - --max-new-tokens {args.max_new_tokens}) and are left out")
+    if not rows or not eval_rows:
+        raise UserError(f"no {'training' if not rows else 'held-out'} question fits in {room} tokens; lower "
+                        f"--max-new-tokens")
+    num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, len(rows) // args.examples_per_step)
+
+    cfg = TrainConfig(depth=model_cfg.depth, max_seq_len=model_cfg.max_seq_len, n_kv_head=model_cfg.n_kv_head,
+                      device_batch_size=args.device_batch_size, num_iterations=num_iterations,
+                      matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+                      grad_clip=0.0, eval_every=args.eval_every, sample_every=-1, save_every=args.save_every,
+                      keep=args.keep, mesh=args.mesh, source=args.source, run=args.run, seed=args.seed,
+                      resume=args.resume, overwrite=args.overwrite)
+    sampler = rl.Sampler(model_cfg, tok, mesh=mesh)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_new_tokens)
+    pad_id = tok.encode_special("<|assistant_end|>")
+    rows_per_micro_batch = args.device_batch_size * mesh.devices.size // world
+
+    def loader(state):
+        return rl.RLLoader(sampler, rows, prompts, train_task.reward, examples_per_step=args.examples_per_step,
+                           num_samples=args.num_samples, rows_per_micro_batch=rows_per_micro_batch, pad_id=pad_id,
+                           seed=args.seed, sampling=sampling, state=state, rank=rank, world=world)
+
+    def evaluate(params, step):
+        return rl.evaluate_pass_at_k(sampler, params, eval_prompts[rank::world], eval_rows[rank::world],
+                                     test_task.reward, k=args.eval_samples, seed=args.seed, **sampling)
+
+    def init_params(_model_cfg):
+        return parent.params
+
+    stage = train.Stage(
+        name="rl", report_section="Chat RL", train_batches=loader, init_params=init_params, evaluate=evaluate,
+        num_iterations=num_iterations, lr_schedule=lambda step, progress: args.init_lr_frac * (1 - step / num_iterations),
+        extra_meta={"rl": {"source": f"{args.source}/{tag}/{step}", "task": args.task, "data": data_note,
+                           "substitute": train_task.name if train_task.name != args.task else None,
+                           "examples_per_step": args.examples_per_step, "num_samples": args.num_samples,
+                           "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                           "top_k": args.top_k, "init_lr_frac": args.init_lr_frac,
+                           "train_questions": len(rows), "eval_examples": len(eval_rows)}})
+    print0(f"rl: from {args.source}/{tag}/{step}; {num_iterations} steps x {args.examples_per_step} questions x "
+           f"{args.num_samples} samples (max {args.max_new_tokens} new tokens); LR x{args.init_lr_frac} -> 0")
+    train.run(stage, model_cfg, cfg, tok)
+
+
+if __name__ == "__main__":
+    main()
