@@ -252,6 +252,17 @@ def test_a_restored_loader_draws_the_same_samples(sampler, tok):
     assert resumed.state() == {"step": 2}
 
 
+@pytest.mark.slow
+def test_sampling_sharded_over_8_devices_draws_the_same_batch(sampler, tok):
+    from nanojax import mesh as meshlib
+    params = random_params(seed=2)
+    sharded = rl.Sampler(CFG, tok, mesh=meshlib.make_mesh("8"), dtype=jnp.float32)
+    want = _loader(sampler, tok).next_step(params)
+    got = _loader(sharded, tok).next_step(params)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(num_samples=1), "--num-samples 1"),
     (dict(examples_per_step=3, world=2), "--examples-per-step 3"),
