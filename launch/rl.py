@@ -105,7 +105,8 @@ REAL_TEST_SIZE = 1319  # GSM8K test's size: the substitute's test split is as la
 
 
 def prompts_that_fit(task, tokenizer, room: int, limit: int | None = None):
-    """(rows, prompt ids) of the rows whose prompt leaves `room` positions of the context for the completion."""
+    """(rows, prompt ids) of the first `limit` rows (default all) whose prompt leaves `room` positions of the
+    context for the completion."""
     rows, prompts = [], []
     for row in (task.rows if limit is None else task.rows[:limit]):
         ids = tokenizer.render_for_completion(task.to_conversation(row))
@@ -139,11 +140,12 @@ def main(argv=None):
     train_task, test_task, data_note = load_questions(args.task)
     print0(f"rl: {data_note}")
     room = model_cfg.max_seq_len - args.max_new_tokens
-    rows, prompts = prompts_that_fit(train_task, tok, room)
+    needed = args.num_iterations * args.examples_per_step if args.num_iterations > 0 else None
+    rows, prompts = prompts_that_fit(train_task, tok, room, needed)  # a short run renders only what it uses
     eval_rows, eval_prompts = prompts_that_fit(test_task, tok, room, args.eval_examples)
-    dropped = len(train_task) - len(rows)
+    dropped = min(len(train_task), needed or len(train_task)) - len(rows)
     if dropped:
-        print0(f"rl: {dropped} of {len(train_task)} training questions are longer than {room} tokens (context "
+        print0(f"rl: {dropped} of {len(rows) + dropped} training questions are longer than {room} tokens (context "
                f"{model_cfg.max_seq_len} - --max-new-tokens {args.max_new_tokens}) and are left out")
     if not rows or not eval_rows:
         raise UserError(f"no {'training' if not rows else 'held-out'} question fits in {room} tokens; lower "
@@ -153,7 +155,8 @@ def main(argv=None):
     cfg = TrainConfig(depth=model_cfg.depth, max_seq_len=model_cfg.max_seq_len, n_kv_head=model_cfg.n_kv_head,
                       device_batch_size=args.device_batch_size, num_iterations=num_iterations,
                       matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-                      grad_clip=0.0, eval_every=args.eval_every, sample_every=-1, save_every=args.save_every,
+                      init_lr_frac=args.init_lr_frac, grad_clip=0.0, momentum_warmup=0, eval_every=args.eval_every,
+                      sample_every=-1, save_every=args.save_every,
                       keep=args.keep, mesh=args.mesh, source=args.source, run=args.run, seed=args.seed,
                       resume=args.resume, overwrite=args.overwrite)
     sampler = rl.Sampler(model_cfg, tok, mesh=mesh)
@@ -173,15 +176,17 @@ def main(argv=None):
     def init_params(_model_cfg):
         return parent.params
 
+    about = {"source": f"{args.source}/{tag}/{step}", "task": args.task, "data": data_note,
+             "substitute": train_task.name if train_task.name != args.task else None,
+             "examples_per_step": args.examples_per_step, "num_samples": args.num_samples,
+             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "train_questions": len(rows), "eval_examples": len(eval_rows), "eval_samples": args.eval_samples}
     stage = train.Stage(
         name="rl", report_section="Chat RL", train_batches=loader, init_params=init_params, evaluate=evaluate,
-        num_iterations=num_iterations, lr_schedule=lambda step, progress: args.init_lr_frac * (1 - step / num_iterations),
-        extra_meta={"rl": {"source": f"{args.source}/{tag}/{step}", "task": args.task, "data": data_note,
-                           "substitute": train_task.name if train_task.name != args.task else None,
-                           "examples_per_step": args.examples_per_step, "num_samples": args.num_samples,
-                           "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                           "top_k": args.top_k, "init_lr_frac": args.init_lr_frac,
-                           "train_questions": len(rows), "eval_examples": len(eval_rows)}})
+        num_iterations=num_iterations, lr_schedule=lambda i, progress: 1.0 - i / num_iterations,
+        extra_meta={"rl": about},
+        summary={"started from": about["source"], "data": data_note,
+                 "questions x samples per step": f"{args.examples_per_step} x {args.num_samples}"})
     print0(f"rl: from {args.source}/{tag}/{step}; {num_iterations} steps x {args.examples_per_step} questions x "
            f"{args.num_samples} samples (max {args.max_new_tokens} new tokens); LR x{args.init_lr_frac} -> 0")
     train.run(stage, model_cfg, cfg, tok)
