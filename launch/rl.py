@@ -84,24 +84,19 @@ def fill_defaults(args, backend: str):
 
 
 def load_questions(task_name: str):
-    """(train task, held-out task, description): GSM8K train and test, or offline the Arithmetic substitute for
-    both (never GSM8K test rows for training; evaluating on the substitute's test split keeps eval and training on
-    the same kind of problem)."""
+    """(train task, held-out task, a line saying what they are). Offline, GSM8K train becomes its generated
+    substitute (evals.tasks.load_task logs the switch); evaluation then uses the substitute's test split too: the
+    same kind of problem as training, and never GSM8K test rows in training."""
     from evals.tasks import get_task, load_task
 
     train = load_task(task_name, "train")
-    substitute = getattr(train, "substitute_for", None) if train.name != task_name else None
-    if substitute:
-        test = get_task(train.name, "test", size=REAL_TEST_SIZE)
-        note = (f"offline: {task_name} train could not be downloaded; training on the generated {train.name} word "
-                f"problems (offline substitute for {task_name}) and evaluating on {train.name} test")
-    else:
-        test = load_task(task_name, "test") if task_name != "Arithmetic" else get_task("Arithmetic", "test")
-        note = f"{train.name} train ({train.source}), evaluated on {test.name} test"
-    return train, test, note
-
-
-REAL_TEST_SIZE = 1319  # GSM8K test's size: the substitute's test split is as large
+    if train.name != task_name:
+        test = get_task(train.name, "test")
+        len(test)
+        return train, test, (f"offline: {task_name} train is not available without the network; training on "
+                             f"{train.name} ({train.source}) and evaluating on {train.name} test")
+    test = load_task(task_name, "test")
+    return train, test, f"{task_name} train ({train.source}), evaluated on {task_name} test ({test.source})"
 
 
 def prompts_that_fit(task, tokenizer, room: int, limit: int | None = None):
