@@ -24,7 +24,7 @@ from nanojax.common import ArgumentParser, UserError, check_args, cli, print0
 DEFAULTS = {
     "gpu": dict(examples_per_step=16, num_samples=16, max_new_tokens=256, device_batch_size=8, num_iterations=-1,
                 eval_every=60, eval_examples=400, eval_samples=8, save_every=60, init_lr_frac=0.05),
-    "cpu": dict(examples_per_step=8, num_samples=8, max_new_tokens=64, device_batch_size=64, num_iterations=40,
+    "cpu": dict(examples_per_step=8, num_samples=8, max_new_tokens=64, device_batch_size=0, num_iterations=40,
                 eval_every=20, eval_examples=32, eval_samples=4, save_every=-1, init_lr_frac=0.05),
 }
 TASKS = ("GSM8K", "Arithmetic")
@@ -45,7 +45,7 @@ def parse_args(argv=None):
             ("examples-per-step", int, "questions per step, across all processes"),
             ("num-samples", int, "completions sampled per question"),
             ("max-new-tokens", int, "longest completion"),
-            ("device-batch-size", int, "update rows per device per micro-batch"),
+            ("device-batch-size", int, "update rows per device per micro-batch; 0: a step's rows in one"),
             ("eval-every", int, "steps between evaluations (-1: only at step 0 and the end)"),
             ("eval-examples", int, "held-out problems per evaluation"),
             ("eval-samples", int, "samples per held-out problem: val_pass@1..this"),
@@ -67,11 +67,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fill_defaults(args, backend: str):
+def fill_defaults(args, backend: str, num_devices: int):
     """Flags left unset take the backend's defaults (CPU: the demo run; else nanochat's)."""
     for key, value in DEFAULTS["cpu" if backend == "cpu" else "gpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.device_batch_size == 0 and args.examples_per_step > 0 and args.num_samples > 0:
+        args.device_batch_size = max(1, args.examples_per_step * args.num_samples // num_devices)
     check_args(args, positive=("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size",
                                "eval_examples", "eval_samples", "init_lr_frac", "keep"),
                non_negative=("temperature", "top_k", "matrix_lr", "embedding_lr", "unembedding_lr"))
@@ -120,8 +122,8 @@ def main(argv=None):
     from nanojax.config import GPTConfig, TrainConfig
 
     meshlib.init_distributed()  # before any other jax call
-    fill_defaults(args, jax.default_backend())
     mesh = meshlib.make_mesh(args.mesh)  # validates the spec before loading anything
+    fill_defaults(args, jax.default_backend(), mesh.devices.size)
     world, rank = jax.process_count(), jax.process_index()
     if args.examples_per_step % world:
         raise UserError(f"--examples-per-step {args.examples_per_step} does not split across {world} processes; use "
