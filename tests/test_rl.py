@@ -357,7 +357,7 @@ def test_one_rl_update_on_8_devices_equals_1(sampler, tok):
     from nanojax.config import TrainConfig
     from nanojax.train import build_step, stacked_batch_sharding
 
-    params = random_params(seed=6)
+    params = jax.tree.map(np.asarray, random_params(seed=6))  # host copies: the step donates its inputs
     batch = _loader(sampler, tok, examples_per_step=4, num_samples=4, rows_per_micro_batch=8).next_step(params)
     assert batch["inputs"].shape[:2] == (2, 8) and np.abs(batch["weights"]).sum() > 0
     cfg = TrainConfig(init_lr_frac=0.05, grad_clip=0.0, momentum_warmup=0)
@@ -408,8 +408,10 @@ def _steps(base_dir, run):
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_reproduce_an_uninterrupted_run(base_dir):
+@pytest.mark.timeout(900)  # three runs of the stage, in subprocesses
+def test_kill_9_and_resume_reproduce_an_uninterrupted_run(base_dir, tmp_path):
     import os
+    import shutil
     import subprocess
     import sys
     import time
@@ -418,7 +420,11 @@ def test_kill_9_and_resume_reproduce_an_uninterrupted_run(base_dir):
     from nanojax.checkpoint import complete_steps, tag_dir
     _save_sft(base_dir)
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "NANOJAX_BASE_DIR": str(base_dir), "NANOJAX_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "NANOJAX_BASE_DIR": str(base_dir), "NANOJAX_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "NANOJAX_PROGRESS": "0",
+           # the later runs reuse the first one's compilations
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     cmd = [sys.executable, "-c", DRIVER, *RUN_ARGS]
     done = subprocess.run(cmd + ["--run", "whole"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -427,9 +433,10 @@ def test_kill_9_and_resume_reproduce_an_uninterrupted_run(base_dir):
     assert [r["step"] for r in whole] == [1, 2, 3, 4, 5, 6]
     assert len({r["loss"] for r in whole}) > 1 and any(r["loss"] != 0 for r in whole)
 
-    killed = subprocess.Popen(cmd + ["--run", "cut", "--overwrite"], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     directory = tag_dir("rl", "d2")
+    shutil.rmtree(directory)  # the second run starts from scratch too
+    killed = subprocess.Popen(cmd + ["--run", "cut"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not complete_steps(directory) and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
