@@ -19,7 +19,8 @@ def parse_args(argv=None):
     p.add_argument("--mesh", default="1", help="device mesh spec (as launch.base)")
     p.add_argument("--max-per-task", type=int, default=None, help="CORE examples per task (default: all)")
     p.add_argument("--split-tokens", type=parse_count, default=20 * 524_288,
-                   help="tokens per split for bits per byte (e.g. 65536 or 1e6)")
+                   help="tokens per split for bits per byte, read as one token stream and capped by the split's size "
+                        "(e.g. 65536 or 1e6; default 10,485,760)")
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per device for bits per byte")
     p.add_argument("--source", default=None, help="data source for bits per byte (default: the one trained on)")
     p.add_argument("--offline", action="store_true", help="never download the eval bundle; build it offline")
@@ -55,7 +56,7 @@ def main(argv=None):
     losses = {}
     for split in ("train", "val"):
         batches = split_batches(tok, source, split, rows, cfg.max_seq_len, args.split_tokens,
-                                rank=jax.process_index(), world=jax.process_count())
+                                rank=jax.process_index(), world=jax.process_count(), flag="--split-tokens")
         losses[f"{split} bpb"] = bpb(model.params, batches())
         print0(f"{split} bpb: {losses[f'{split} bpb']:.4f}")
     samples = [prompt + model.generate(prompt, max_tokens=24, temperature=0.0) for prompt in SAMPLE_PROMPTS]

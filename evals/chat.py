@@ -15,11 +15,9 @@ import argparse
 
 import numpy as np
 
+from evals.tasks import CHAT_EVAL as BASELINES  # the chat-eval tasks and their ChatCORE baselines
 from nanojax.common import ArgumentParser, UserError, check_args, cli, print0, progress
-
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
-SECTIONS = {"base": "Chat evaluation base", "mid": "Chat evaluation mid", "sft": "Chat evaluation sft",
-            "rl": "Chat evaluation rl"}
+from nanojax.report import CHAT_EVAL_SECTIONS
 
 
 def letter_token(tokenizer, letter: str) -> int:
@@ -101,20 +99,19 @@ def chat_core(accuracies: dict) -> float:
 
 
 def parse_args(argv=None):
-    from evals.tasks import TASKS
 
     p = ArgumentParser(prog="python -m evals.chat", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", dest="stage", required=True, choices=list(SECTIONS), help="checkpoint stage")
-    p.add_argument("-a", "--task-name", default=None, help=f"tasks separated by | (default all: {'|'.join(TASKS)})")
-    p.add_argument("-g", "--tag", default=None)
-    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("-i", "--source", dest="stage", required=True, choices=list(CHAT_EVAL_SECTIONS), help="checkpoint stage")
+    p.add_argument("-a", "--task-name", default=None, help=f"tasks separated by | (default all: {'|'.join(BASELINES)})")
+    p.add_argument("-g", "--tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest depth)")
+    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="problems per task (default: all)")
-    p.add_argument("-b", "--batch-size", type=int, default=8)
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward pass or generation batch")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem for generative tasks")
-    p.add_argument("-m", "--max-new-tokens", type=int, default=512)
-    p.add_argument("-t", "--temperature", type=float, default=0.0)
-    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-m", "--max-new-tokens", type=int, default=512, help="most tokens per generated answer")
+    p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature of generative tasks; 0 is greedy (default: 0.0)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 for all")
     return p.parse_args(argv)
 
 
@@ -123,9 +120,9 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args, positive=("max_problems", "batch_size", "num_samples", "max_new_tokens"),
                non_negative=("temperature", "top_k"))
-    from evals.tasks import TASKS, get_task
+    from evals.tasks import get_task
 
-    names = args.task_name.split("|") if args.task_name is not None else list(TASKS)
+    names = args.task_name.split("|") if args.task_name is not None else list(BASELINES)
     tasks = [get_task(n) for n in names]  # an unknown name fails here, before loading a model
     from nanojax import checkpoint, report
     from nanojax.common import compute_dtype
@@ -156,7 +153,7 @@ def main(argv=None):
         print0(f"ChatCORE: {result['ChatCORE']:.4f}")
     else:
         print0(f"ChatCORE over the {len(accuracies)} tasks run: {chat_core(accuracies):.4f} (not the full ChatCORE)")
-    report.log(SECTIONS[args.stage], [{"checkpoint": f"{args.stage}/{model.tag}/{model.step}",
+    report.log(CHAT_EVAL_SECTIONS[args.stage], [{"checkpoint": f"{args.stage}/{model.tag}/{model.step}",
                                        "max problems": args.max_problems or "all", **result}, table])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanojax.common import ArgumentParser, cli
+from nanojax.common import ArgumentParser, cli, print0
 
 
 def parse_args(argv=None, defaults=None):
@@ -28,9 +28,10 @@ def main(argv=None):
     cfg = from_args(TrainConfig, args)
     import jax
 
-    from evals.loss import split_batches
-    from nanojax.dataloader import PackedLoader
-    from nanojax import dataset, mesh as meshlib, train
+    from evals.loss import make_bpb_eval, split_batches
+    from nanojax import dataset, gpt, optim, mesh as meshlib, train
+    from nanojax.common import compute_dtype
+    from nanojax.dataloader import PretrainLoader
     from tokenizer import get_tokenizer
 
     meshlib.init_distributed()  # before any other jax call
@@ -41,14 +42,27 @@ def main(argv=None):
     world, rank = jax.process_count(), jax.process_index()
     num_devices = mesh.devices.size
     rows = cfg.device_batch_size * num_devices // world
-    cfg.grad_accum_steps(num_devices)  # the batch arithmetic must work out before data or compilation
+    grad_accum = cfg.grad_accum_steps(num_devices)  # the batch arithmetic must work out before data or compilation
+    num_iterations = cfg.iterations(gpt.num_params(model_cfg), gpt.flops_per_token(model_cfg))
     dataset.resolve(cfg.source)
+    dtype = compute_dtype(cfg.dtype or None)
+    val_batches = split_batches(tok, cfg.source, "val", rows, cfg.max_seq_len, cfg.eval_tokens, rank=rank, world=world)
+    bpb = make_bpb_eval(model_cfg, tok.token_bytes(), mesh, train.param_shardings(model_cfg, mesh), dtype)
+    lr_multiplier = optim.schedule(num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+    print0(f"{num_iterations:,} steps x {cfg.total_batch_size:,} tokens (grad accum {grad_accum})")
     stage = train.Stage(
-        name="base", report_section="Base model training",
-        train_batches=lambda state: PackedLoader(tok, cfg.source, "train", rows, cfg.max_seq_len, rank=rank,
-                                                 world=world, state=state),
-        val_batches=split_batches(tok, cfg.source, "val", rows, cfg.max_seq_len, cfg.eval_tokens, rank=rank,
-                                  world=world),
+        name="base",
+        train_batches=lambda state: PretrainLoader(tok, cfg.source, "train", rows, cfg.max_seq_len,
+                                                   accum=grad_accum, rank=rank, world=world, packing=cfg.packing,
+                                                   state=state),
+        lr_schedule=lambda step, progress: lr_multiplier(step),
+        num_iterations=num_iterations,
+        evaluate=lambda params, step: {"val_bpb": bpb(params, val_batches())},
+        sample=train.make_sampler(model_cfg, tok, train.SAMPLE_PROMPTS, dtype=dtype),
+        summary={"training tokens": num_iterations * cfg.total_batch_size,
+                 "tokens : params ratio": round(num_iterations * cfg.total_batch_size / gpt.num_params(model_cfg), 2),
+                 "total training FLOPs": f"{gpt.flops_per_token(model_cfg) * cfg.total_batch_size * num_iterations:e}",
+                 "grad accumulation": grad_accum},
     )
     train.run(stage, model_cfg, cfg, tok)
 

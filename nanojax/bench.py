@@ -3,7 +3,7 @@
     python -m nanojax.bench train --depth 4 --mesh 1 --device-batch-size 8 --max-seq-len 256 --vocab-size 8192
     python -m nanojax.bench memory --depth 20 --mesh 8 --device-batch-size 32     # fits an 80 GB H100?
     python -m nanojax.bench decode --depth 4 --batch 1 --prompt-len 32 --new-tokens 256
-    python -m nanojax.bench data        # dataloader tokens/s on the demo corpus
+    python -m nanojax.bench data        # dataloader tokens/s on the demo corpus (Grain threads, old loader)
     python -m nanojax.bench tokenizer   # BPE training and encoding MB/s
 
 Every figure is labelled with the backend and device it was measured on: a CPU number is not a GPU number.
@@ -19,6 +19,7 @@ import sys
 import time
 
 from nanojax.common import ArgumentParser, UserError, check_args, cli
+from nanojax.config import PACKINGS
 
 MAX_SIMULATED_DEVICES = 1024  # `bench memory` on a CPU: XLA compiles per device, so more would take hours
 
@@ -49,11 +50,12 @@ def _train_parts(args, mesh, dtype, for_accelerator=False):
     from nanojax.train import build_step, stacked_batch_sharding
 
     cfg = _model(args)
-    parts = build_step(cfg, TrainConfig(remat=args.remat), mesh, 1000, dtype, for_accelerator)
+    parts = build_step(cfg, TrainConfig(remat=args.remat), mesh, dtype, for_accelerator)
     rows = args.device_batch_size * mesh.devices.size
     batch = jax.ShapeDtypeStruct((1, rows, args.max_seq_len), "int32", sharding=stacked_batch_sharding(mesh))
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)
-    abstract_args = (with_sh(parts.abstract, parts.param_sh), with_sh(parts.opt_abstract, parts.opt_sh), batch, batch)
+    abstract_args = (with_sh(parts.abstract, parts.param_sh), with_sh(parts.opt_abstract, parts.opt_sh),
+                     {"inputs": batch, "targets": batch}, jax.ShapeDtypeStruct((), "float32"))
     return cfg, parts.tx, parts.step, parts.param_sh, parts.opt_sh, abstract_args
 
 
@@ -74,15 +76,16 @@ def bench_train(args) -> dict:
     rng = np.random.default_rng(0)
     data = rng.integers(0, cfg.vocab_size, size=(1, rows, args.max_seq_len + 1), dtype=np.int32)
     sh = stacked_batch_sharding(mesh)
-    x, y = jax.device_put(data[..., :-1], sh), jax.device_put(data[..., 1:], sh)
+    batch = {"inputs": jax.device_put(data[..., :-1], sh), "targets": jax.device_put(data[..., 1:], sh)}
+    lr = np.float32(1.0)
     t0 = time.time()
-    params, opt_state, loss = step(params, opt_state, x, y)
+    params, opt_state, loss = step(params, opt_state, batch, lr)
     float(loss)
     compile_s = time.time() - t0
     times = []
     for _ in range(args.steps):
         t0 = time.time()
-        params, opt_state, loss = step(params, opt_state, x, y)
+        params, opt_state, loss = step(params, opt_state, batch, lr)
         float(loss)
         times.append(time.time() - t0)
     dt = statistics.median(times)
@@ -137,19 +140,68 @@ def _simulated_devices(spec: str) -> int:
     return n
 
 
+def _loader_rate(make, seconds: float) -> dict:
+    """Rows/s of a loader after its first batch (worker start-up and the buffer's first fill left out)."""
+    loader = make()
+    try:
+        loader.next_batch()
+        t0, n = time.time(), 0
+        while time.time() - t0 < seconds:
+            n += loader.next_batch().size
+        result = {"tok_per_s": round(n / (time.time() - t0), 1)}
+        if hasattr(loader, "kept_fraction"):
+            result["kept_fraction"] = round(loader.kept_fraction(), 4)
+        return result
+    finally:
+        loader.close()
+
+
+# FineWeb-Edu's sample-10BT holds 9.67M documents for 10B GPT-2 tokens (1,034 tokens each on average); document
+# lengths are heavy-tailed, taken here as log-normal with sigma 1 and that mean (median ~630 tokens).
+FINEWEB_MEAN_TOKENS, FINEWEB_SIGMA = 1034, 1.0
+
+
+def fineweb_like_kept_fraction(seq_len: int, buffer_size: int = 1000, docs: int = 40_000, seed: int = 0) -> float:
+    """Best-fit's kept fraction on synthetic documents of FineWeb-like lengths: the packer alone, fed token arrays
+    (it only looks at lengths), measured while the buffer is full (the drained tail of a finite input left out)."""
+    import grain
+    import numpy as np
+
+    from nanojax.dataloader import LoaderState, _BestFitIterator
+
+    rng = np.random.default_rng(seed)
+    median = FINEWEB_MEAN_TOKENS / math.exp(FINEWEB_SIGMA ** 2 / 2)
+    lengths = np.clip(rng.lognormal(math.log(median), FINEWEB_SIGMA, docs).astype(int), 2, 100_000)
+    zeros = np.zeros(int(lengths.max()), np.int32)
+    groups = [(0, g, [zeros[:n] for n in lengths[g * 1024:(g + 1) * 1024]]) for g in range(-(-docs // 1024))]
+    parent = grain.MapDataset.source(groups).to_iter_dataset().__iter__()
+    packer = _BestFitIterator(parent, None, None, seq_len + 1, LoaderState(), buffer_size)
+    stop = 0.8 * lengths.sum()
+    while packer.tokens_read < stop:
+        next(packer)
+    return packer.kept_fraction()
+
+
 def bench_data(args) -> dict:
-    from nanojax.dataloader import PackedLoader
+    """The Grain loader with 1, 2 and the default number of worker threads (and worker processes), beside the
+    hand-written loader it replaced, in one invocation on the same data."""
+    from nanojax.dataloader import DEFAULT_WORKERS, PretrainLoader
+    from nanojax.dataloader_old import PackedLoader
     from tokenizer import get_tokenizer
 
     tok = get_tokenizer()
-    loader = PackedLoader(tok, args.source, "train", rows=args.rows, seq_len=args.max_seq_len)
-    loader.next_batch()  # warm up the reader thread
-    t0, n = time.time(), 0
-    while time.time() - t0 < args.seconds:
-        n += loader.next_batch().size
-    loader.close()
+    common = dict(rows=args.rows, seq_len=args.max_seq_len)
+    runs = {"old (reader thread, 4 tokenizer threads)": lambda: PackedLoader(tok, args.source, "train", **common)}
+    for w in sorted({1, 2, DEFAULT_WORKERS}):
+        runs[f"grain, {w} thread{'s' * (w > 1)}"] = (
+            lambda w=w: PretrainLoader(tok, args.source, "train", packing=args.packing, workers=w, **common))
+    if args.processes:
+        runs["grain, 2 processes"] = lambda: PretrainLoader(tok, args.source, "train", packing=args.packing,
+                                                             workers=2, processes=True, **common)
+    results = {name: _loader_rate(make, args.seconds) for name, make in runs.items()}
     return {"bench": "data", "source": args.source, "rows": args.rows, "seq_len": args.max_seq_len,
-            "tok_per_s": round(n / (time.time() - t0), 1), "cpus": os.cpu_count()}
+            "packing": args.packing, "cpus": os.cpu_count(), "default_workers": DEFAULT_WORKERS, "loaders": results,
+            "fineweb_like_kept_fraction": round(fineweb_like_kept_fraction(args.max_seq_len), 4)}
 
 
 def bench_tokenizer(args) -> dict:
@@ -171,37 +223,40 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p, depth, vocab, seq, training=True):
-        p.add_argument("--depth", type=int, default=depth)
-        p.add_argument("--vocab-size", type=int, default=vocab)
-        p.add_argument("--n-kv-head", type=int, default=None)
-        p.add_argument("--max-seq-len", type=int, default=seq)
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+        p.add_argument("--depth", type=int, default=depth, help="model depth (the one dial)")
+        p.add_argument("--vocab-size", type=int, default=vocab, help="vocabulary size")
+        p.add_argument("--n-kv-head", type=int, default=None, help="key/value heads (default: as many as heads)")
+        p.add_argument("--max-seq-len", type=int, default=seq, help="sequence length")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                       help="compute dtype (default: bfloat16 on GPUs, float32 on CPU; NANOJAX_DTYPE)")
         if training:
             p.add_argument("--remat", default="auto", help="auto (on accelerators, not on CPU), full, none, or a policy")
 
     p = sub.add_parser("train", help="training tokens/s, MFU and step time")
     model_args(p, 4, 8192, 256)
-    p.add_argument("--mesh", default="1")
-    p.add_argument("--device-batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--mesh", default="1", help="device mesh spec, as launch.base")
+    p.add_argument("--device-batch-size", type=int, default=8, help="rows per device")
+    p.add_argument("--steps", type=int, default=10, help="timed steps after the compile")
     p = sub.add_parser("memory", help="per-device memory of the real train step, compiled ahead of time")
     model_args(p, 20, 65536, 2048)
-    p.add_argument("--mesh", default="8")
-    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--mesh", default="8", help="device mesh spec; simulated on a CPU")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per device")
     p = sub.add_parser("decode", help="time to first token and decode tokens/s")
     model_args(p, 4, 8192, 2048, training=False)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the best one counts")
     p = sub.add_parser("data", help="dataloader tokens/s")
-    p.add_argument("--source", default="demo")
-    p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--source", default="demo", help="data source, as launch.base")
+    p.add_argument("--rows", type=int, default=32, help="rows per batch")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row")
+    p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per loader")
+    p.add_argument("--packing", choices=PACKINGS, default="bestfit", help="how documents become rows")
+    p.add_argument("--processes", action="store_true", help="also time Grain worker processes (2)")
     p = sub.add_parser("tokenizer", help="BPE training and encoding MB/s")
-    p.add_argument("--text-mb", type=float, default=20)
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--text-mb", type=float, default=20, help="megabytes of text to train on")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size to train")
     args = parser.parse_args(argv)
 
     # The memory plan of an N-device mesh can be made on one CPU: simulate the devices before jax's backend starts

@@ -687,7 +687,7 @@ def main(argv=None):
     sub.add_parser("ls", help="list every stage's checkpoints")
     for name in ("show", "export"):
         p = sub.add_parser(name, help="describe one checkpoint" if name == "show" else "write safetensors + config")
-        p.add_argument("stage", choices=STAGES)
+        p.add_argument("stage", choices=STAGES, help="the stage: " + ", ".join(STAGES))
         p.add_argument("--tag", default=None, help="default: the largest depth tag")
         p.add_argument("--step", type=int, default=None, help="default: the latest step")
         if name == "export":

@@ -46,8 +46,27 @@ def cli(main):
     return wrapper
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default (unless it says it already)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and text and "default" not in text.lower() and default is not argparse.SUPPRESS
+                and default not in (None, False, "") and not isinstance(action, argparse._VersionAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the project's error style: one line naming the bad argument, exit 2; the usage is in --help."""
+    """argparse with the project's error style: one line naming the bad argument, exit 2; the usage is in --help.
+    Help shows each option's default (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("formatter_class", argparse.HelpFormatter) in (argparse.HelpFormatter,
+                                                                     argparse.RawDescriptionHelpFormatter):
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
@@ -295,12 +314,12 @@ def registry_wheel(name: str, version: str, cache_dir, *, reason: str = "", reme
 # ----------------------------------------------------------------------------------------------------------------------
 # Devices.
 
-def compute_dtype():
-    """bf16 on GPUs/TPUs, fp32 on CPU; NANOJAX_DTYPE=float32|bfloat16|float16 overrides."""
+def compute_dtype(name: str | None = None):
+    """bf16 on GPUs/TPUs, fp32 on CPU; `name` (a --dtype flag) or NANOJAX_DTYPE=float32|bfloat16|float16 overrides."""
     import jax
     import jax.numpy as jnp
 
-    name = os.environ.get("NANOJAX_DTYPE")
+    name = name or os.environ.get("NANOJAX_DTYPE")
     if name:
         allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
         if name not in allowed:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from nanojax.common import UserError, check_args
 
+PACKINGS = ("bestfit", "stream")  # how the pretraining loader makes rows (nanojax/dataloader.py)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
@@ -87,6 +88,9 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+DTYPES = ("", "float32", "bfloat16", "float16")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Run configuration: the knobs of a training stage, named as nanochat names them, and the arithmetic derived from them.
 
@@ -103,30 +107,39 @@ class TrainConfig:
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02
-    lr_scale: float = 1.0                # multiplies every learning rate (fine-tuning stages start lower)
-    grad_clip: float = 1.0
+    init_lr_frac: float = 1.0            # multiplies every learning rate (later stages start lower)
+    grad_clip: float = 1.0               # 0: no clipping (the stages after pretraining do not clip)
+    momentum_warmup: int = 300           # Muon momentum 0.85 -> 0.95 over this many steps; 0: 0.95 throughout
     remat: str = "auto"                  # recompute layer activations in the backward: auto (on accelerators, not on
                                          # CPU), full, none, or a jax.checkpoint_policies name
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
-    eval_every: int = 250
+    eval_every: int = 250                # -1: no evaluation during the run (still one at the end)
     eval_tokens: int = 20 * 524_288
     sample_every: int = 2000
     save_every: int = -1                 # -1: only at the end (and on SIGTERM/SIGINT)
     keep: int = 2                        # checkpoints kept per stage and tag
     mesh: str = "1"
     source: str = "demo"
+    packing: str = "bestfit"             # bestfit: rows start at a document, best-fit filled, the rest cropped;
+                                         # stream: one token stream cut anywhere, every token used (nanochat Oct-2025)
     run: str = ""                        # run directory name under runs/; default "<stage>-d<depth>"
     seed: int = 0
+    dtype: str = ""                      # compute dtype: float32, bfloat16, float16; default NANOJAX_DTYPE, else
+                                         # bfloat16 on accelerators and float32 on CPU
     resume: bool = False
     overwrite: bool = False              # a fresh run over existing checkpoints deletes them first
+    wandb: bool = False                  # log to Weights & Biases when installed and logged in (nanojax.dashboards)
+    tensorboard: str = ""                # write TensorBoard event files under DIR/<run>/
 
     def __post_init__(self):
         check_args(self, positive=("device_batch_size", "total_batch_size", "max_seq_len", "eval_tokens", "keep",
-                                   "lr_scale"),
+                                   "init_lr_frac"),
                    non_negative=("embedding_lr", "unembedding_lr", "matrix_lr", "grad_clip", "warmup_ratio",
-                                 "warmdown_ratio", "final_lr_frac"))
+                                 "warmdown_ratio", "final_lr_frac", "momentum_warmup"))
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: allowed: {', '.join(d for d in DTYPES if d)}")
         for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             if getattr(self, name) > 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be between 0 and 1")
@@ -135,6 +148,8 @@ class TrainConfig:
             if self.remat.startswith("_") or not hasattr(jax.checkpoint_policies, self.remat):
                 raise UserError(f"--remat {self.remat}: use auto, full, none or a jax.checkpoint_policies name such as "
                                 f"dots_with_no_batch_dims_saveable")
+        if self.packing not in PACKINGS:
+            raise UserError(f"--packing {self.packing!r}: use one of {', '.join(PACKINGS)}")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio} is over 1: "
                             f"warmup and warmdown together cannot be longer than the run")
@@ -169,20 +184,71 @@ class TrainConfig:
         raise UserError("set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
 
 
-def add_dataclass_args(parser, cls, defaults: dict | None = None):
-    """One kebab-case flag per dataclass field (`device_batch_size` -> `--device-batch-size`)."""
+# --help of every TrainConfig flag (launch.base and the chat stages); the default is added from the field.
+TRAIN_HELP = {
+    "depth": "the one dial: layers; width 64 x depth, heads of 128",
+    "n_kv_head": "key/value heads for grouped-query attention (must divide the heads; default: as many as heads)",
+    "max_seq_len": "tokens per row (context length)",
+    "device_batch_size": "rows per device per micro-batch; lower it if memory runs out (accumulation makes up)",
+    "total_batch_size": "tokens per optimizer step",
+    "num_iterations": "optimizer steps (-1: from --target-flops, else from --target-param-data-ratio)",
+    "target_flops": "training FLOPs to spend (-1: off)",
+    "target_param_data_ratio": "training tokens per parameter (-1: off)",
+    "embedding_lr": "AdamW learning rate of the embedding",
+    "unembedding_lr": "AdamW learning rate of the output head",
+    "matrix_lr": "Muon learning rate of the hidden matrices",
+    "init_lr_frac": "multiplies every learning rate (later stages start lower)",
+    "momentum_warmup": "steps over which Muon's momentum rises from 0.85 to 0.95 (0: 0.95 throughout)",
+    "grad_clip": "clip the gradient's global norm to this (0: off)",
+    "remat": "recompute activations in the backward: auto (on accelerators), full, none, or a jax.checkpoint_policies name",
+    "warmup_ratio": "share of the steps warming the learning rate up",
+    "warmdown_ratio": "share of the steps decaying it at the end",
+    "final_lr_frac": "learning rate at the end, as a share of the peak",
+    "eval_every": "steps between validation bits-per-byte evaluations (-1: only at the end)",
+    "eval_tokens": "validation tokens per evaluation",
+    "sample_every": "steps between greedy samples (-1: none)",
+    "save_every": "steps between checkpoints (-1: only at the end and on Ctrl-C/SIGTERM)",
+    "keep": "checkpoints kept per stage and depth",
+    "mesh": "devices: N (data parallel, state sharded), or axes such as data:2,fsdp:4",
+    "packing": "how documents become rows: bestfit (each row starts at a document, the leftover cropped) or stream "
+               "(every token once, rows cut anywhere)",
+    "source": "training data: climbmix, fineweb-edu, demo, or a path to .parquet/.txt/.jsonl files",
+    "run": "run directory under runs/ (default: <stage>-d<depth>)",
+    "seed": "random seed of the initialisation and sampling",
+    "dtype": "compute dtype: float32, bfloat16 or float16 (default: NANOJAX_DTYPE, else bfloat16 on accelerators, "
+             "float32 on CPU)",
+    "resume": "continue the latest checkpoint of this stage and depth exactly",
+    "overwrite": "start fresh over existing checkpoints of this stage and depth (deletes them)",
+    "wandb": "log to Weights & Biases when wandb is installed and logged in (a one-line note otherwise)",
+    "tensorboard": "write TensorBoard event files under DIR/<run>/ (default: none)",
+}
+
+
+def add_dataclass_args(parser, cls, defaults: dict | None = None, helps: dict | None = None,
+                       only: tuple | None = None):
+    """One kebab-case flag per dataclass field (`device_batch_size` -> `--device-batch-size`), its help from `helps`
+    (over TRAIN_HELP for TrainConfig) and its default; `only`: the fields a command offers (the rest keep their
+    defaults)."""
     defaults = defaults or {}
+    helps = {**(TRAIN_HELP if cls is TrainConfig else {}), **(helps or {})}
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         default = defaults.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
+        text = helps.get(f.name, "")
+        if default not in (None, "") and "(default" not in text:
+            text = f"{text} (default: {default!r})".strip()
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
-                                help=f"default: {default!r}" if default not in (None, "") else None)
+            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(), help=text or None)
     return parser
 
 
-def from_args(cls, namespace):
-    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+def from_args(cls, namespace, defaults: dict | None = None):
+    """The dataclass from parsed flags; fields the command does not offer take `defaults`, else the field default."""
+    defaults = defaults or {}
+    return cls(**{f.name: getattr(namespace, f.name, defaults.get(f.name, f.default))
+                  for f in dataclasses.fields(cls)})

@@ -220,6 +220,30 @@ def iter_row_groups(source, split: str = "train", *, rank: int = 0, world: int =
         raise UserError(f"empty corpus: the {split} split of {source} has no documents")
 
 
+def row_groups(source, split: str = "train") -> list[tuple[Path, int]]:
+    """Every row group of `split` as (file, index in that file), in the global order `iter_row_groups` numbers them:
+    entry g is global row group g. Reads only parquet metadata (a .jsonl file is counted by its lines)."""
+    table = []
+    for path in split_files(resolve(source), split):
+        if path.suffix == ".parquet":
+            with _open_parquet(path) as pf:
+                count = pf.metadata.num_row_groups
+        elif path.suffix == ".txt":
+            count = 1
+        else:
+            count = sum(1 for _ in _jsonl_groups(path))
+        table.extend((path, g) for g in range(count))
+    return table
+
+
+def read_row_group(path: Path, index: int) -> list[str]:
+    """The non-empty texts of one row group (an entry of `row_groups`), as `iter_row_groups` yields them."""
+    for g, texts in _file_groups(path, lambda g: g == index):
+        if g == index:
+            return texts or []
+    raise IndexError(f"{path} has no row group {index}")
+
+
 def iter_documents(source, split: str = "train", *, max_chars: int | None = None,
                    doc_cap: int | None = None) -> Iterator[str]:
     """Documents of `split` in order, each cut to `doc_cap` characters; stops once `max_chars` characters have been

@@ -6,9 +6,11 @@ vmapped over the layer axis. On a mesh, the stacked update is resharded so that 
 param mesh axis and every device orthogonalises whole matrices (never shards of one), then it goes back to the params'
 FSDP sharding. wte and lm_head get AdamW with learning rates scaled by (model_dim / 768) ** -0.5.
 
-The state is a plain dict of arrays, {"count", "mu", "nu"}: "count" is the step (it drives every schedule, so a resumed
-run continues exactly), "mu" mirrors the params (Muon momentum / Adam first moment), "nu" mirrors the AdamW params.
-`opt_state_shardings` lays it out like the params.
+The state is a plain dict of arrays, {"count", "mu", "nu"}: "count" is the step (it drives Muon's momentum warm-up,
+so a resumed run continues exactly), "mu" mirrors the params (Muon momentum / Adam first moment), "nu" mirrors the
+AdamW params. `opt_state_shardings` lays it out like the params. The learning-rate multiplier is an argument of
+`update` (`tx.update(grads, state, params, lr_multiplier=m)`): the training loop computes it on the host from the step
+(pretraining) or from the data consumed (mid-training), so one optimizer serves every stage's schedule.
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ def _ns_method(ns: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Schedules (traceable: they take the step count from the optimizer state inside jit)
+# Schedules
 
 def schedule(num_iterations: int, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
              final_lr_frac: float = 0.0):
@@ -131,10 +133,13 @@ def schedule(num_iterations: int, warmup_ratio: float = 0.0, warmdown_ratio: flo
 
 
 def momentum_schedule(warmup_steps: int = 300, start: float = 0.85, end: float = 0.95):
-    """step -> Muon momentum: linear from `start` to `end` over the first `warmup_steps`, then constant."""
+    """step -> Muon momentum: linear from `start` to `end` over the first `warmup_steps`, then constant (`end` from
+    the start when warmup_steps is 0). Traceable: it reads the step count from the optimizer state inside jit."""
 
     def momentum(step):
-        frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(warmup_steps, 1), 1.0)
+        if warmup_steps <= 0:
+            return jnp.float32(end)
+        frac = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
         return (1 - frac) * start + frac * end
 
     return momentum
@@ -183,15 +188,15 @@ def _unflatten(flat: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # The transformation
 
-def make_optimizer(params_or_abstract, *, model_dim: int, num_iterations: int, matrix_lr: float = 0.02,
-                   embedding_lr: float = 0.2, unembedding_lr: float = 0.004, lr_scale: float = 1.0,
-                   warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0,
-                   grad_clip: float | None = 1.0, ns: str = "newton-schulz", ns_steps: int = 5, muon_dtype=None,
-                   momentum_warmup_steps: int = 300, weight_decay: float = 0.0, mesh: Mesh | None = None,
-                   param_axes=None) -> optax.GradientTransformation:
+def make_optimizer(params_or_abstract, *, model_dim: int, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
+                   unembedding_lr: float = 0.004, init_lr_frac: float = 1.0, grad_clip: float | None = 1.0,
+                   ns: str = "newton-schulz", ns_steps: int = 5, muon_dtype=None, momentum_warmup_steps: int = 300,
+                   weight_decay: float = 0.0, mesh: Mesh | None = None,
+                   param_axes=None) -> optax.GradientTransformationExtraArgs:
     """Muon + AdamW over the whole param tree. `params_or_abstract`: the params or their ShapeDtypeStructs (only
-    paths and shapes are read). `param_axes`: gpt.param_axes(cfg), so Muon's result is put back on the params'
-    sharding; `mesh`: where Muon spreads whole matrices over devices (None or 1 device: no constraints)."""
+    paths and shapes are read). `init_lr_frac` scales every group's LR (later stages start lower). `param_axes`:
+    gpt.param_axes(cfg), so Muon's result is put back on the params' sharding; `mesh`: where Muon spreads whole
+    matrices over devices (None or 1 device: no constraints)."""
     _ns_method(ns)  # fail early on a bad name
     shapes = {path: tuple(leaf.shape) for path, leaf in _flatten(params_or_abstract).items()}
     groups = {path: param_group(path, len(shape)) for path, shape in shapes.items()}
@@ -199,11 +204,10 @@ def make_optimizer(params_or_abstract, *, model_dim: int, num_iterations: int, m
     axes = _flatten(param_axes) if param_axes is not None else {}
     if muon_dtype is None:
         muon_dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
-    lr_mult = schedule(num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
     momentum_at = momentum_schedule(momentum_warmup_steps)
     dmodel_scale = (model_dim / 768) ** -0.5
-    base_lr = {"muon": matrix_lr * lr_scale, "embedding": embedding_lr * dmodel_scale * lr_scale,
-               "unembedding": unembedding_lr * dmodel_scale * lr_scale}
+    base_lr = {"muon": matrix_lr * init_lr_frac, "embedding": embedding_lr * dmodel_scale * init_lr_frac,
+               "unembedding": unembedding_lr * dmodel_scale * init_lr_frac}
 
     def init(params):
         flat = _flatten(params)
@@ -215,7 +219,7 @@ def make_optimizer(params_or_abstract, *, model_dim: int, num_iterations: int, m
                 "mu": _unflatten({p: zeros(p) for p in flat}),
                 "nu": _unflatten({p: zeros(p) for p in adam_paths})}
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, lr_multiplier=1.0):
         count = state["count"]
         g_flat = {p: g.astype(jnp.float32) for p, g in _flatten(grads).items()}
         if grad_clip:
@@ -224,7 +228,7 @@ def make_optimizer(params_or_abstract, *, model_dim: int, num_iterations: int, m
             g_flat = {p: g * scale for p, g in g_flat.items()}
         mu, nu = _flatten(state["mu"]), _flatten(state["nu"])
         p_flat = _flatten(params) if params is not None else {}
-        lrm = lr_mult(count)
+        lrm = jnp.asarray(lr_multiplier, jnp.float32)
         beta = momentum_at(count)
         t = (count + 1).astype(jnp.float32)  # Adam's bias correction counts from 1
         new_mu, new_nu, out = {}, {}, {}
@@ -258,7 +262,7 @@ def make_optimizer(params_or_abstract, *, model_dim: int, num_iterations: int, m
         new_state = {"count": optax.safe_increment(count), "mu": _unflatten(new_mu), "nu": _unflatten(new_nu)}
         return updates, new_state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def opt_state_shardings(opt_state_abstract, params_shardings, mesh: Mesh):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import datetime
-import html
-import json
 import os
 import re
-
+import shutil
 from pathlib import Path
 
 from nanojax.common import REPO_ROOT, ArgumentParser, atomic_write, cli, git, is_main_process, subdir
+from nanojax.plots import plot_metrics, report_plots  # noqa: F401  (plot_metrics: train.py draws its run's curve)
 
 
 def slug(section: str) -> str:
@@ -50,15 +49,23 @@ def log(section: str, data) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # The report card: `reset` at the start of a run writes the header, `generate` joins the sections into report.md.
 
-SECTION_ORDER = ["Header", "Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
-                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
-                 "Chat RL", "Chat evaluation rl"]
+# The one home of the section names. Training stages log STAGE_SECTIONS[stage] (keys: nanojax.checkpoint.STAGES),
+# `evals.chat -i STAGE` logs CHAT_EVAL_SECTIONS[stage]; the report shows them in SECTION_ORDER, unknown ones after.
+STAGE_SECTIONS = {"base": "Base model training", "mid": "Midtraining", "sft": "Chat SFT", "rl": "Chat RL"}
+CHAT_EVAL_SECTIONS = {stage: f"Chat evaluation {stage}" for stage in STAGE_SECTIONS}
+SECTION_ORDER = ["Header", "Tokenizer training", "Tokenizer evaluation", STAGE_SECTIONS["base"], "Base model loss",
+                 "Base model evaluation", CHAT_EVAL_SECTIONS["base"]]
+for _stage in ("mid", "sft", "rl"):
+    SECTION_ORDER += [STAGE_SECTIONS[_stage], CHAT_EVAL_SECTIONS[_stage]]
+PLOTS_DIR = "report-plots"  # beside report.md, in both places it is written; links to it are relative
+
+
+BLOAT_SUFFIXES = (".py", ".md", ".html", ".toml", ".sh", ".rs")  # the text a user would hand an LLM
 
 
 def _bloat() -> dict:
-    """Size of the codebase as a user would package it for an LLM: characters, lines, files, ~tokens."""
-    files = [REPO_ROOT / f for f in git("ls-files").splitlines()
-             if Path(f).suffix in {".py", ".md", ".html", ".toml", ".sh"}]
+    """Size of the codebase as `git ls-files` lists it: characters, lines, files, ~tokens (nanochat's measure)."""
+    files = [REPO_ROOT / f for f in git("ls-files").splitlines() if f.endswith(BLOAT_SUFFIXES)]
     text = "".join(f.read_text(errors="replace") for f in files if f.is_file())
     lock = REPO_ROOT / "requirements.lock"
     return {"characters": len(text), "lines": text.count("\n"), "files": len(files),
@@ -107,13 +114,16 @@ def reset() -> None:
     d = subdir("report")
     for p in d.glob("*.md"):
         p.unlink()
+    shutil.rmtree(d / PLOTS_DIR, ignore_errors=True)
     with atomic_write(d / "header.md", "w") as f:
         f.write(header())
     print(f"report reset: {d}")
 
 
-SUMMARY_ROWS = ["ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE"]
+SUMMARY_ROWS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE", "SpellingBee"]
 SUMMARY_STAGES = ["base", "mid", "sft", "rl"]
+# A chat task's data is an offline copy when its source (the "data" column evals.chat writes) says so.
+OFFLINE_MARKS = ("registry package", "vendored", "offline", "embedded", "generated", "PyPI")
 
 
 def _fields(text: str) -> dict:
@@ -121,104 +131,135 @@ def _fields(text: str) -> dict:
     return dict(line[2:].split(": ", 1) for line in text.splitlines() if line.startswith("- ") and ": " in line)
 
 
-def summary(d) -> str:
-    """nanochat's summary table: CORE for the base model, the chat tasks per stage; a partial CORE keeps its label.
-    Plus the wall clock time from the header to the last section."""
-    read = lambda name: (d / f"{slug(name)}.md").read_text() if (d / f"{slug(name)}.md").exists() else ""  # noqa
-    columns = {stage: _fields(read(f"Chat evaluation {stage}")) for stage in SUMMARY_STAGES}
-    base = _fields(read("Base model evaluation"))
-    rows = []
-    if base:
-        rows.append([base.get("label", "CORE"), base.get("score", "-")] + ["-"] * 3)
-    for name in SUMMARY_ROWS:
-        cells = [columns[stage].get(name, "-") for stage in SUMMARY_STAGES]
-        if any(c != "-" for c in cells):
-            rows.append([name] + cells)
-    lines = ["## Summary", "", "| metric | BASE | MID | SFT | RL |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    subsets = [f"{stage.upper()} chat tasks on {f['max problems']} problems each" for stage, f in columns.items()
-               if f.get("max problems", "all") != "all"]
+def _table_rows(text: str) -> dict:
+    """{first cell: [cells]} of the markdown table rows in a section."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|-"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def _read_section(d: Path, name: str) -> str:
+    p = d / f"{slug(name)}.md"
+    return p.read_text() if p.exists() else ""
+
+
+def _core_cell(base: dict) -> str:
+    """The base model's CORE; a partial or subsampled one says so in the cell."""
+    if "score" not in base:
+        return "-"
+    notes = [base["label"]] if base.get("label", "CORE") != "CORE" else []
     if base.get("max per task", "all") != "all":
-        subsets.insert(0, f"{base.get('label', 'CORE')} on {base['max per task']} examples per task")
-    if subsets:
-        lines += ["", "Subsets, not the full benchmarks: " + "; ".join(subsets) + "."]
+        notes.append(f"{base['max per task']} examples per task")
+    return base["score"] + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _chat_cells(text: str) -> dict:
+    """{row name: cell} of one chat evaluation section, each cell labelled with its subset and offline data."""
+    fields, table = _fields(text), _table_rows(text)
+    subset = fields.get("max problems", "all") != "all"
+    offline_tasks = [name for name, cells in table.items() if len(cells) >= 4
+                     and any(mark.lower() in cells[3].lower() for mark in OFFLINE_MARKS)]
+    cells = {}
+    for name in SUMMARY_ROWS[1:]:
+        if name not in fields:
+            continue
+        if name == "ChatCORE":  # the mean over the tasks: labelled by theirs
+            tasks = [t for t in table if t in SUMMARY_ROWS]
+            offline = ("offline data" if tasks and set(tasks) <= set(offline_tasks) else
+                       "some tasks offline" if offline_tasks else "")
+        else:
+            offline = "offline data" if name in offline_tasks else ""
+        notes = [f"{fields['max problems']} problems{' each' if name == 'ChatCORE' else ''}"] if subset else []
+        notes += [offline] if offline else []
+        cells[name] = fields[name] + (f" ({', '.join(notes)})" if notes else "")
+    return cells
+
+
+def _timestamps(d: Path) -> list:
     prefix = "timestamp: "
-    stamps = [datetime.datetime.strptime(line[len(prefix):], "%Y-%m-%d %H:%M:%S")
-              for p in d.glob("*.md") if p.name != "report.md"
-              for line in p.read_text().splitlines() if line.startswith(prefix)]
+    return [datetime.datetime.strptime(line[len(prefix):], "%Y-%m-%d %H:%M:%S")
+            for p in d.glob("*.md") if p.name != "report.md"
+            for line in p.read_text().splitlines() if line.startswith(prefix)]
+
+
+def summary(d) -> str:
+    """nanochat's summary table (BASE | MID | SFT | RL), "-" where a stage did not measure a row; every cell computed
+    on a subset or on offline data says so. Then the bloat, the wall clock time and the estimated cost."""
+    d = Path(d)
+    columns = {stage: _chat_cells(_read_section(d, CHAT_EVAL_SECTIONS[stage])) for stage in SUMMARY_STAGES}
+    columns["base"]["CORE"] = _core_cell(_fields(_read_section(d, "Base model evaluation")))
+    lines = ["## Summary", ""]
+    bloat = _fields(_read_section(d, "Header"))
+    lines += [f"- {k}: {bloat[k]}" for k in ("characters", "lines", "files", "tokens (~chars/4)",
+                                             "dependencies (requirements.lock lines)") if k in bloat]
+    lines += ["", "| metric | BASE | MID | SFT | RL |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(columns[stage].get(name, "-") for stage in SUMMARY_STAGES) + " |"
+              for name in SUMMARY_ROWS]
+    lines += ["", "A cell with a note in brackets is not the full benchmark: a partial CORE (tasks missing from the "
+              "bundle), N examples or problems per task, or offline data (a registry-package or vendored copy of the "
+              "task instead of the Hugging Face dataset; each section's table names its source)."]
+    stamps = _timestamps(d)
     if len(stamps) > 1:
         seconds = (max(stamps) - min(stamps)).total_seconds()
         lines += ["", f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m"]
-        rate = _fields(read("Header")).get("GPU hourly rate (USD, estimate)")
+        rate = _fields(_read_section(d, "Header")).get("GPU hourly rate (USD, estimate)")
         if rate:
             cost = float(rate) * seconds / 3600
             lines += [f"Estimated cost: ${cost:.2f} (wall clock x ${rate}/hour for the node)"]
+        else:
+            lines += ["Estimated cost: none to estimate (no GPU: a CPU run has no rental rate here)"]
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Plots: a training run's metrics.jsonl as an SVG line chart (no plotting dependency).
+# Plots (nanojax.plots), from the runs' metrics, into report-plots/ beside report.md.
 
-def plot_metrics(metrics_path, out_path, title: str) -> bool:
-    """Train loss (left axis) and val bpb (right axis) against step; False when there is nothing to plot."""
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    series = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None] for key in ("loss", "val_bpb")}
-    if not series["loss"]:
-        return False
-    W, H, L, R, T, B = 640, 320, 60, 60, 30, 40  # size and margins
-    steps = [s for points in series.values() for s, _ in points]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    x = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-             f'font-size="11"><rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-             f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
-             f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">step</text>']
-    for i in range(5):
-        s = x0 + (x1 - x0) * i / 4
-        parts.append(f'<text x="{x(s):.1f}" y="{H - B + 14}" text-anchor="middle">{s:.0f}</text>')
-    for (key, colour, side) in (("loss", "#1f77b4", "left"), ("val_bpb", "#d62728", "right")):
-        points = series[key]
-        if not points:
-            continue
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        hi = hi if hi > lo else lo + 1
-        y = lambda v: T + (hi - v) / (hi - lo) * (H - T - B)  # noqa: E731
-        ax = L if side == "left" else W - R
-        anchor, dx = ("end", -4) if side == "left" else ("start", 4)
-        parts.append(f'<line x1="{ax}" y1="{T}" x2="{ax}" y2="{H - B}" stroke="{colour}"/>')
-        for v in (lo, (lo + hi) / 2, hi):
-            parts.append(f'<text x="{ax + dx}" y="{y(v) + 4:.1f}" text-anchor="{anchor}" '
-                         f'fill="{colour}">{v:.3f}</text>')
-        label = "train loss" if key == "loss" else "val bpb"
-        parts.append(f'<text x="{ax}" y="{T - 6}" text-anchor="middle" fill="{colour}">{label}</text>')
-        path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
-        if len(points) == 1:  # a lone point draws no line
-            parts.append(f'<circle cx="{x(points[0][0]):.1f}" cy="{y(points[0][1]):.1f}" r="3" fill="{colour}"/>')
-    parts.append("</svg>")
-    with atomic_write(Path(out_path), "w") as f:
-        f.write("\n".join(parts) + "\n")
-    return True
+def stage_runs() -> list[tuple[str, Path]]:
+    """[(run, metrics.jsonl)] in stage order: runs are named "<stage>-d<depth>" unless --run said otherwise (those
+    come last, by name)."""
+    runs = sorted(p for p in subdir("runs").glob("*/metrics.jsonl"))
+    order = lambda p: (next((i for i, s in enumerate(STAGE_SECTIONS) if p.parent.name.startswith(s + "-")),  # noqa
+                            len(STAGE_SECTIONS)), p.parent.name)
+    return [(p.parent.name, p) for p in sorted(runs, key=order)]
 
 
-def generate() -> str:
+def plots_section(d: Path) -> str:
+    plots = report_plots(stage_runs(), d / PLOTS_DIR)
+    if not plots:
+        return ""
+    return "\n".join(["## Plots", ""] + [f"![{title}]({PLOTS_DIR}/{name})" for title, name in plots]) + "\n"
+
+
+ABSOLUTE_IMAGE = re.compile(r"^!\[[^\]]*\]\(/[^)]*\)\s*$", re.MULTILINE)
+
+
+def generate(out_dir=".") -> str:
+    """report.md from the sections in SECTION_ORDER (others after), the plots and the summary; written under
+    report/ and into out_dir (default: the current directory), each with its report-plots/ folder beside it."""
     d = subdir("report")
+    for old in (d / PLOTS_DIR).glob("*.svg"):
+        old.unlink()
     parts = ["# nanojax report card\n"]
-    seen = set()
-    for name in SECTION_ORDER:
-        p = d / f"{slug(name)}.md"
-        if p.exists():
-            parts.append(p.read_text())
-            seen.add(p.name)
-    parts += [p.read_text() for p in sorted(d.glob("*.md")) if p.name not in seen | {"report.md"}]
-    parts.append(summary(d))
-    text = "\n".join(parts)
+    names = [f"{slug(name)}.md" for name in SECTION_ORDER]
+    names += sorted(p.name for p in d.glob("*.md") if p.name not in set(names) | {"report.md"})
+    for name in names:
+        if (d / name).exists():  # absolute image links (older runs) do not survive a copy: the Plots section has them
+            parts.append(ABSOLUTE_IMAGE.sub("", (d / name).read_text()))
+    parts += [plots_section(d), summary(d)]
+    text = "\n".join(p for p in parts if p)
     with atomic_write(d / "report.md", "w") as f:
         f.write(text)
-    with atomic_write(Path("report.md"), "w") as f:
-        f.write(text)
-    print(f"report written: {d / 'report.md'} (and ./report.md)")
+    out = Path(out_dir)
+    if out.resolve() != d.resolve():
+        if (d / PLOTS_DIR).is_dir():
+            shutil.rmtree(out / PLOTS_DIR, ignore_errors=True)
+            shutil.copytree(d / PLOTS_DIR, out / PLOTS_DIR)
+        with atomic_write(out / "report.md", "w") as f:
+            f.write(text)
+    print(f"report written: {d / 'report.md'} (and {out / 'report.md'}, plots in {PLOTS_DIR}/ beside each)")
     return text
 
 

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from fractions import Fraction
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The calculator tool.
@@ -40,8 +39,9 @@ _BINOPS = {
     ast.Sub: lambda a, b: a - b,
     ast.Mult: lambda a, b: a * b,
     ast.Div: lambda a, b: a / b,
-    ast.FloorDiv: lambda a, b: Fraction(a // b),
+    ast.FloorDiv: lambda a, b: a // b,
 }
+_NUMBER = (int, float)
 
 
 class _Reject(Exception):
@@ -49,8 +49,10 @@ class _Reject(Exception):
 
 
 def _check_size(value):
-    if isinstance(value, Fraction) and max(value.numerator.bit_length(), value.denominator.bit_length()) > MAX_INT_BITS:
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
         raise _Reject("number too large")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Reject("overflow")
     return value
 
 
@@ -64,16 +66,16 @@ def _eval_node(node, deadline: float):
             raise _Reject(f"constant {node.value!r}")
         if isinstance(node.value, float) and not math.isfinite(node.value):
             raise _Reject("non-finite")
-        # Numbers become exact fractions (0.1 + 0.2 == 0.3); str(float) is the literal as written for short literals.
-        return node.value if isinstance(node.value, str) else _check_size(Fraction(str(node.value)))
+        # Python's own numbers, as nanochat's eval() has them: 10/4 is 2.5, 6/2 is 3.0, 0.1+0.2 is 0.30000000000000004.
+        return node.value if isinstance(node.value, str) else _check_size(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = _eval_node(node.operand, deadline)
-        if not isinstance(value, Fraction):
+        if not isinstance(value, _NUMBER):
             raise _Reject("unary op on a string")
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         left, right = _eval_node(node.left, deadline), _eval_node(node.right, deadline)
-        if not (isinstance(left, Fraction) and isinstance(right, Fraction)):
+        if not (isinstance(left, _NUMBER) and isinstance(right, _NUMBER)):
             raise _Reject("arithmetic on a string")
         if right == 0 and isinstance(node.op, (ast.Div, ast.FloorDiv)):
             raise _Reject("division by zero")
@@ -84,24 +86,16 @@ def _eval_node(node, deadline: float):
         if (isinstance(func, ast.Attribute) and func.attr == "count" and isinstance(func.value, ast.Constant)
                 and isinstance(func.value.value, str) and len(node.args) == 1 and not node.keywords
                 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            return Fraction(func.value.value.count(node.args[0].value))
+            return func.value.value.count(node.args[0].value)
         raise _Reject("call")
     raise _Reject(type(node).__name__)
 
 
-def _format_number(value: Fraction) -> str:
-    if value.denominator == 1:
-        return str(value.numerator)
-    x = float(value)
-    if not math.isfinite(x):
-        raise _Reject("overflow")
-    return f"{x:.10g}"
-
-
 def calculator(expr: str) -> str | None:
     """Evaluate `expr` as the chat model's calculator: arithmetic (+ - * / // and parentheses on decimal numbers,
-    thousands commas allowed) or "<string>".count("<string>"). Returns the result as text, or None for anything
-    else (names, attribute access, imports, `**`, too long, too slow, division by zero)."""
+    thousands commas allowed) or "<string>".count("<string>"). Returns str() of the Python result, as nanochat's
+    engine shows it ("2.5", "3.0" for 6/2, "0.30000000000000004"), or None for anything else (names, attribute
+    access, imports, `**`, too long, too slow, division by zero, a non-finite result)."""
     if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
         return None
     expr = expr.strip()
@@ -113,9 +107,9 @@ def calculator(expr: str) -> str | None:
     try:
         tree = ast.parse(expr, mode="eval")
         value = _eval_node(tree, time.monotonic() + CALC_TIME_LIMIT_S)
-        if not isinstance(value, Fraction):
+        if not isinstance(value, _NUMBER):
             return None
-        return _format_number(value)
+        return str(value)  # as nanochat's engine shows a result: str() of the Python value
     except (_Reject, SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
         return None
 

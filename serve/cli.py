@@ -28,10 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest depth)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("-p", "--prompt", default=None, help="answer this once and exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6)
-    p.add_argument("-k", "--top-k", type=int, default=50)
-    p.add_argument("-m", "--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 for all")
+    p.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per answer")
+    p.add_argument("--seed", type=int, default=42, help="random seed of the sampling")
     return p
 
 

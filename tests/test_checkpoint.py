@@ -143,9 +143,7 @@ def reference(tmp_path_factory, trained_tokenizer, compile_cache, corpus):
     r = _train(base, compile_cache, corpus, "ref")
     assert r.returncode == 0, r.stdout + r.stderr
     assert checkpoint.complete_steps(_ckpt_dir(base)) == [3, 6, 9, 10]
-    svg = base / "report" / "base-model-training-loss.svg"  # the loss curve, linked from the report section
-    assert (base / "runs" / "ref" / "loss.svg").read_text() == svg.read_text()
-    assert f"![train loss and val bpb]({svg})" in (base / "report" / "base-model-training.md").read_text()
+    assert (base / "runs" / "ref" / "loss.svg").read_text().startswith("<svg")  # the run's loss curve
     return base, _records(base, "ref")
 
 
@@ -174,7 +172,7 @@ def test_kill9_mid_training_then_resume_matches_uninterrupted_run(reference, bas
     assert records == [{**x, "dt": y["dt"], "tok_per_s": y["tok_per_s"]} if "dt" in x else x
                        for x, y in zip(ref_records, records)], f"killed at step {kill_at}, resumed from {last_save}"
     assert [r["step"] for r in records if "loss" in r] == list(range(1, ITERS + 1))
-    assert [r["step"] for r in records if "val_bpb" in r] == [4, 8, 10]
+    assert [r["step"] for r in records if "val_bpb" in r] == [0, 4, 8, 10]  # step 0 too, as nanochat
     meta = checkpoint.read_meta(_ckpt_dir(base) / str(ITERS))
     ref_meta = checkpoint.read_meta(_ckpt_dir(ref_base) / str(ITERS))
     assert meta["final"] and meta["metrics"]["min_val_bpb"] == ref_meta["metrics"]["min_val_bpb"]

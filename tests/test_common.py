@@ -304,3 +304,60 @@ def test_registry_wheel_timeout_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"pip could not fetch my-pkg==1\.0: .*timed out after 5 seconds.*"
                                         r"put a copy of my_pkg-1\.0-\*\.whl in"):
         common.registry_wheel("my-pkg", "1.0", tmp_path / "cache", timeout=5)
+
+
+CLI_MODULES = ["nanojax.dataset", "tokenizer.train", "tokenizer.eval", "launch.base", "evals.base", "evals.chat",
+               "evals.core_bundle", "serve.cli", "nanojax.checkpoint", "nanojax.report", "nanojax.bench",
+               "launch.presets", "launch.pipeline"]
+
+
+def test_every_flag_of_every_command_has_help_with_its_default(monkeypatch):
+    """Each command's parser (caught as it parses) and its subcommands: every argument has a help text, and --help
+    shows the default of every option that has one."""
+    import argparse
+    import importlib
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, *args, **kwargs):
+        raise Caught(self)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_intermixed_args", catch)
+    missing, checked = [], 0
+
+    def walk(name, parser):
+        nonlocal checked
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    walk(f"{name} {sub}", subparser)
+            elif not isinstance(action, argparse._HelpAction):
+                checked += 1
+                if not action.help:
+                    missing.append(f"{name} {action.option_strings or action.dest}")
+                elif action.option_strings and action.default not in (None, False, "", argparse.SUPPRESS):
+                    assert "default" in action.help.lower() or "default" in parser._get_formatter()._get_help_string(
+                        action), (name, action.option_strings)
+        assert "show this help message" in text
+
+    for module in CLI_MODULES:
+        mod = importlib.import_module(module)
+        entry = getattr(mod, "parse_args", None) or getattr(mod, "build_parser", None) or mod.main
+        try:
+            result = entry() if entry.__name__ == "build_parser" else entry([])
+        except Caught as caught:
+            result = caught.args[0]
+        walk(module, result)
+    assert missing == [] and checked > 100
+
+
+def test_help_formatter_adds_defaults():
+    p = common.ArgumentParser(prog="x")
+    p.add_argument("--n", type=int, default=5, help="a count")
+    p.add_argument("--m", type=int, default=7, help="says its own (default: seven)")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    text = " ".join(p.format_help().split())
+    assert "a count (default: 5)" in text and "(default: seven)" in text and "(default: 7)" not in text
+    assert "a switch" in text and "(default: False)" not in text

@@ -235,6 +235,19 @@ def test_row_groups_stride_over_processes_and_resume_from_start(parquet_folder):
         list(dataset.iter_row_groups(parquet_folder, rank=3, world=3))
 
 
+def test_row_group_table_reads_any_group_directly(parquet_folder, tmp_path):
+    table = dataset.row_groups(parquet_folder)
+    assert [(path.name, g) for path, g in table] == [("a.parquet", 0), ("a.parquet", 1), ("a.parquet", 2),
+                                                       ("b.parquet", 0), ("b.parquet", 1)]
+    assert [dataset.read_row_group(*entry) for entry in table] == [texts for _, texts in
+                                                                    dataset.iter_row_groups(parquet_folder)]
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(1100)]
+    (tmp_path / "1.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "2.jsonl").write_text(lines[0] + "\n")
+    jsonl = dataset.row_groups(str(tmp_path / "*.jsonl"))
+    assert len(jsonl) == 2 and dataset.read_row_group(*jsonl[1]) == [f"doc {i}" for i in range(1024, 1100)]
+
+
 def test_iter_documents_max_chars_and_doc_cap(parquet_folder):
     docs = list(dataset.iter_documents(parquet_folder))
     assert docs == [f"d{i}" for i in range(11)]

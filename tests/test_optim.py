@@ -111,7 +111,7 @@ def test_momentum_schedule():
 # The transformation
 
 def make(params, **kw):
-    kw = {"model_dim": D, "num_iterations": 1000, "grad_clip": None, "muon_dtype": jnp.float32, **kw}
+    kw = {"model_dim": D, "grad_clip": None, "muon_dtype": jnp.float32, **kw}
     return optim.make_optimizer(params, **kw)
 
 
@@ -154,8 +154,7 @@ def test_muon_momentum_follows_the_schedule_from_the_stored_step():
 
 def test_adamw_groups_equal_optax_adamw():
     params = tree_of(shapes(), scale=0.5)
-    kw = dict(num_iterations=10, warmup_ratio=0.2, warmdown_ratio=0.3, final_lr_frac=0.1, weight_decay=0.1,
-              model_dim=D, lr_scale=0.5)
+    kw = dict(weight_decay=0.1, model_dim=D, init_lr_frac=0.5)
     tx = make(params, **kw)
     lrm = optim.schedule(10, 0.2, 0.3, 0.1)
     scale = (D / 768) ** -0.5 * 0.5
@@ -167,7 +166,7 @@ def test_adamw_groups_equal_optax_adamw():
     update, ref_update = jax.jit(tx.update), {name: jax.jit(ref[name].update) for name in ref}
     for step in range(6):
         grads = tree_of(shapes(), seed=10 + step)
-        updates, state = update(grads, state, ours)
+        updates, state = update(grads, state, ours, lr_multiplier=lrm(step))  # the loop's host-side schedule
         ours = optax.apply_updates(ours, updates)
         for name in ref:
             u, ref_state[name] = ref_update[name](grads[name], ref_state[name], theirs[name])
@@ -267,7 +266,7 @@ def test_least_squares_loss_decreases(ns):
             h = h + h @ p["blocks"]["mlp_fc"][layer]
         return jnp.mean(jnp.square(h @ p["lm_head"] - Y))
 
-    tx = optim.make_optimizer(params, model_dim=768, num_iterations=50, ns=ns, embedding_lr=0.05,
+    tx = optim.make_optimizer(params, model_dim=768, ns=ns, embedding_lr=0.05,
                               unembedding_lr=0.05)
 
     @jax.jit

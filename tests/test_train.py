@@ -21,7 +21,7 @@ def _one_step(spec, inputs, targets, steps=1):
     axes = gpt.param_axes(CFG)
     abstract = gpt.abstract_params(CFG)
     param_sh = meshlib.shardings(axes, mesh, abstract)
-    tx = optim.make_optimizer(abstract, model_dim=CFG.model_dim, num_iterations=10, mesh=mesh, param_axes=axes)
+    tx = optim.make_optimizer(abstract, model_dim=CFG.model_dim, mesh=mesh, param_axes=axes)
     opt_sh = optim.opt_state_shardings(jax.eval_shape(tx.init, abstract), param_sh, mesh)
     params = jax.device_put(gpt.init_params(CFG, seed=0), param_sh)
     # Non-zero head and output projections, so every parameter gets a gradient on the first step.
@@ -31,7 +31,8 @@ def _one_step(spec, inputs, targets, steps=1):
     sh = stacked_batch_sharding(mesh)
     losses = []
     for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state, jax.device_put(inputs, sh), jax.device_put(targets, sh))
+        batch = {"inputs": jax.device_put(inputs, sh), "targets": jax.device_put(targets, sh)}
+        params, opt_state, loss = step(params, opt_state, batch, np.float32(1.0))
         losses.append(float(loss))
     return losses, jax.tree.map(np.asarray, params)
 

