@@ -16,54 +16,43 @@ so in the log, the checkpoint's meta and the report.
 """
 from __future__ import annotations
 
-import argparse
+from launch import chat
+from nanojax.common import UserError, check_args, cli, print0
 
-from nanojax.common import ArgumentParser, UserError, check_args, cli, print0
-
+# Run settings (nanochat's chat_rl: fresh optimizers at 0.05 of the base LRs, no clipping, momentum 0.95 throughout).
+RUN_DEFAULTS = {"init_lr_frac": 0.05, "grad_clip": 0.0, "momentum_warmup": 0, "sample_every": -1}
 # nanochat's settings (GPUs), and a short run that shows learning on the demo SFT model on 2 CPU cores.
 DEFAULTS = {
     "gpu": dict(examples_per_step=16, num_samples=16, max_new_tokens=256, device_batch_size=8, num_iterations=-1,
-                eval_every=60, eval_examples=400, eval_samples=8, save_every=60, init_lr_frac=0.05),
+                eval_every=60, eval_examples=400, eval_samples=8, save_every=60),
     "cpu": dict(examples_per_step=8, num_samples=8, max_new_tokens=64, device_batch_size=0, num_iterations=40,
-                eval_every=20, eval_examples=32, eval_samples=4, save_every=-1, init_lr_frac=0.05),
+                eval_every=20, eval_examples=32, eval_samples=4, save_every=-1),
 }
 TASKS = ("GSM8K", "Arithmetic")
+HELPS = {"examples_per_step": "questions per step, across all processes",
+         "num_samples": "completions sampled per question",
+         "max_new_tokens": "longest completion",
+         "eval_examples": "held-out problems per evaluation",
+         "eval_samples": "samples per held-out problem: val_pass@1..this"}
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m launch.rl", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="sft", choices=("sft", "mid"), help="the stage to start from (default sft)")
-    p.add_argument("--model-tag", default=None, help="that stage's tag, e.g. d20 (default: the largest)")
-    p.add_argument("--model-step", type=int, default=None, help="that tag's step (default: the latest)")
+    p = chat.parser("python -m launch.rl", __doc__, ("sft", "mid"))
     p.add_argument("--task", default="GSM8K", choices=TASKS,
                    help="training questions (default GSM8K; offline it falls back to Arithmetic)")
-    p.add_argument("--mesh", default="1", help="devices: 1, 8 (data:8), data:2,fsdp:4, ... (default 1)")
-    cpu = " (default: %s on GPUs, %s on CPU)"
-    for name, kind, text in (
-            ("num-iterations", int, "optimizer steps; -1 = one pass over the training questions"),
-            ("examples-per-step", int, "questions per step, across all processes"),
-            ("num-samples", int, "completions sampled per question"),
-            ("max-new-tokens", int, "longest completion"),
-            ("device-batch-size", int, "update rows per device per micro-batch; 0: a step's rows in one"),
-            ("eval-every", int, "steps between evaluations (-1: only at step 0 and the end)"),
-            ("eval-examples", int, "held-out problems per evaluation"),
-            ("eval-samples", int, "samples per held-out problem: val_pass@1..this"),
-            ("save-every", int, "steps between checkpoints (-1: only at the end)"),
-            ("init-lr-frac", float, "learning rates as a fraction of the base ones, then linear to 0")):
-        key = name.replace("-", "_")
-        p.add_argument("--" + name, type=kind, default=None,
-                       help=text + cpu % (DEFAULTS["gpu"][key], DEFAULTS["cpu"][key]))
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--run", default="", help="run directory under runs/ (default rl-d<depth>)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seeds derive from it, the step and the question")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    for key, text in HELPS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
+                       help=f"{text} (default: {DEFAULTS['gpu'][key]} on GPUs, {DEFAULTS['cpu'][key]} on CPU)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=50, help="sampling top-k; 0: off (default: 50)")
+    backend = {k: None for k in ("device_batch_size", "num_iterations", "eval_every", "save_every")}
+    chat.add_run_flags(p, {**RUN_DEFAULTS, **backend})
+    for action in p._actions:  # these four default by backend here, not by the parent run
+        if action.dest in backend:
+            key = action.dest
+            action.help = (chat.HELPS.get(key, "").split(" (default")[0] + ("; 0: a step's rows in one micro-batch"
+                           if key == "device_batch_size" else "") +
+                           f" (default: {DEFAULTS['gpu'][key]} on GPUs, {DEFAULTS['cpu'][key]} on CPU)")
     return p.parse_args(argv)
 
 
@@ -75,8 +64,8 @@ def fill_defaults(args, backend: str, num_devices: int):
     if args.device_batch_size == 0 and args.examples_per_step > 0 and args.num_samples > 0:
         args.device_batch_size = max(1, args.examples_per_step * args.num_samples // num_devices)
     check_args(args, positive=("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size",
-                               "eval_examples", "eval_samples", "init_lr_frac", "keep"),
-               non_negative=("temperature", "top_k", "matrix_lr", "embedding_lr", "unembedding_lr"))
+                               "eval_examples", "eval_samples"),
+               non_negative=("temperature", "top_k"))
     if args.num_samples < 2:
         raise UserError(f"--num-samples {args.num_samples}: RL compares each sample with the others of its question "
                         f"(advantage = reward - the group's mean), so it needs at least 2")
@@ -118,8 +107,8 @@ def main(argv=None):
     args = parse_args(argv)
     import jax
 
-    from nanojax import checkpoint, mesh as meshlib, rl, train
-    from nanojax.config import GPTConfig, TrainConfig
+    from nanojax import mesh as meshlib, rl, train
+    from tokenizer import get_tokenizer
 
     meshlib.init_distributed()  # before any other jax call
     mesh = meshlib.make_mesh(args.mesh)  # validates the spec before loading anything
@@ -128,11 +117,11 @@ def main(argv=None):
     if args.examples_per_step % world:
         raise UserError(f"--examples-per-step {args.examples_per_step} does not split across {world} processes; use "
                         f"a multiple of {world}")
-    parent = checkpoint.load(args.source, args.model_tag, args.model_step)  # a missing one names the stage to run
-    model_cfg, tok, tag, step = parent.config, parent.tokenizer, parent.tag, parent.step
+    path, meta, model_cfg = chat.parent_checkpoint(args.parent, args.model_tag, args.model_step)
     if args.max_new_tokens >= model_cfg.max_seq_len:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a question in the model's "
                         f"context of {model_cfg.max_seq_len} tokens")
+    tok = get_tokenizer()
 
     train_task, test_task, data_note = load_questions(args.task)
     print0(f"rl: {data_note}")
@@ -148,44 +137,37 @@ def main(argv=None):
         raise UserError(f"no {'training' if not rows else 'held-out'} question fits in {room} tokens; lower "
                         f"--max-new-tokens")
     num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, len(rows) // args.examples_per_step)
+    args.num_iterations = num_iterations
+    cfg = chat.run_config(args, RUN_DEFAULTS, meta, model_cfg)
 
-    cfg = TrainConfig(depth=model_cfg.depth, max_seq_len=model_cfg.max_seq_len, n_kv_head=model_cfg.n_kv_head,
-                      device_batch_size=args.device_batch_size, num_iterations=num_iterations,
-                      matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-                      init_lr_frac=args.init_lr_frac, grad_clip=0.0, momentum_warmup=0, eval_every=args.eval_every,
-                      sample_every=-1, save_every=args.save_every,
-                      keep=args.keep, mesh=args.mesh, source=args.source, run=args.run, seed=args.seed,
-                      resume=args.resume, overwrite=args.overwrite)
-    sampler = rl.Sampler(model_cfg, tok, mesh=mesh)
+    sampler = rl.Sampler(model_cfg, tok, mesh=mesh, dtype=cfg.dtype or None)
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_new_tokens)
     pad_id = tok.encode_special("<|assistant_end|>")
-    rows_per_micro_batch = args.device_batch_size * mesh.devices.size // world
+    rows_per_micro_batch = cfg.device_batch_size * mesh.devices.size // world
 
     def loader(state):
         return rl.RLLoader(sampler, rows, prompts, train_task.reward, examples_per_step=args.examples_per_step,
                            num_samples=args.num_samples, rows_per_micro_batch=rows_per_micro_batch, pad_id=pad_id,
-                           seed=args.seed, sampling=sampling, state=state, rank=rank, world=world)
+                           seed=cfg.seed, sampling=sampling, state=state, rank=rank, world=world)
 
     def evaluate(params, step):
         return rl.evaluate_pass_at_k(sampler, params, eval_prompts[rank::world], eval_rows[rank::world],
-                                     test_task.reward, k=args.eval_samples, seed=args.seed, **sampling)
+                                     test_task.reward, k=args.eval_samples, seed=cfg.seed, **sampling)
 
-    def init_params(_model_cfg):
-        return parent.params
-
-    about = {"source": f"{args.source}/{tag}/{step}", "task": args.task, "data": data_note,
+    about = {"parent": str(path), "task": args.task, "data": data_note,
              "substitute": train_task.name if train_task.name != args.task else None,
              "examples_per_step": args.examples_per_step, "num_samples": args.num_samples,
              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
              "train_questions": len(rows), "eval_examples": len(eval_rows), "eval_samples": args.eval_samples}
     stage = train.Stage(
-        name="rl", report_section="Chat RL", train_batches=loader, init_params=init_params, evaluate=evaluate,
-        num_iterations=num_iterations, lr_schedule=lambda i, progress: 1.0 - i / num_iterations,
-        extra_meta={"rl": about},
-        summary={"started from": about["source"], "data": data_note,
-                 "questions x samples per step": f"{args.examples_per_step} x {args.num_samples}"})
-    print0(f"rl: from {args.source}/{tag}/{step}; {num_iterations} steps x {args.examples_per_step} questions x "
-           f"{args.num_samples} samples (max {args.max_new_tokens} new tokens); LR x{args.init_lr_frac} -> 0")
+        name="rl", train_batches=loader, num_iterations=num_iterations, evaluate=evaluate,
+        lr_schedule=lambda step, progress: 1.0 - step / num_iterations,
+        init_params=chat.parent_params(path, cfg.mesh), extra_meta={"rl": about},
+        summary={"parent checkpoint": str(path), "data": data_note,
+                 "questions x samples per step": f"{args.examples_per_step} x {args.num_samples}",
+                 "max new tokens": args.max_new_tokens, "held-out problems": len(eval_rows)})
+    print0(f"rl: from {path}; {num_iterations} steps x {args.examples_per_step} questions x {args.num_samples} "
+           f"samples (max {args.max_new_tokens} new tokens); LR x{cfg.init_lr_frac} -> 0")
     train.run(stage, model_cfg, cfg, tok)
 
 
