@@ -58,6 +58,7 @@ def test_reward_of_a_completion(completion, reward):
     ("-5", "#### 5", 0.0),
     ("2.5", "#### 2.5", 1.0),        # decimal
     ("2.5", "#### 25", 0.0),
+    ("18", "#### 18.0", 0.0),        # compared as strings, as nanochat
 ])
 def test_reward_numbers(reference, completion, reward):
     row = {"question": "q", "answer": f"work\n#### {reference}"}
@@ -322,6 +323,7 @@ class _Negate:
         return jax.tree.map(lambda g: -g, grads), state
 
 
+@pytest.mark.slow  # compiles the loop's step with accumulation
 def test_the_loops_weighted_step_follows_the_policy_gradient(sampler, tok):
     """The loop's jitted step on an RL batch (2 micro-batches, padding rows) moves the params by exactly the gradient
     of -(1/Q) sum_q (1/T_q) sum_n A_qn sum_t log p, written out here from the batch's own pieces."""
