@@ -25,7 +25,7 @@ RUN_DEFAULTS = {"init_lr_frac": 0.05, "grad_clip": 0.0, "momentum_warmup": 0, "s
 DEFAULTS = {
     "gpu": dict(examples_per_step=16, num_samples=16, max_new_tokens=256, device_batch_size=8, num_iterations=-1,
                 eval_every=60, eval_examples=400, eval_samples=8, save_every=60),
-    "cpu": dict(examples_per_step=8, num_samples=8, max_new_tokens=64, device_batch_size=0, num_iterations=40,
+    "cpu": dict(examples_per_step=8, num_samples=8, max_new_tokens=64, device_batch_size=16, num_iterations=40,
                 eval_every=20, eval_examples=32, eval_samples=4, save_every=-1),
 }
 TASKS = ("GSM8K", "Arithmetic")

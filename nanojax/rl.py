@@ -15,10 +15,12 @@ so that the loop's weighted loss, sum(weights x nats) with nats = -logp, is -(su
 normalised per token: nanochat's objective (each pass's token-mean of logp x A, averaged over passes and questions)
 with a pass being a question's whole group of samples. So the update does not depend on --device-batch-size or the
 mesh. The stop token is not trained: the engine drops it from each sequence, as nanochat's generate_batch does.
+Questions whose samples all scored the same (advantage 0 everywhere) are left out of the update batch: they add
+nothing to the loss or its gradient, and most questions are like that when rewards are rare.
 
-Nothing here knows a task: the caller passes rows, a row -> prompt ids function and a (row, completion) -> reward
-function (evals.tasks' Task.reward). Sampling seeds derive from (seed, step, first question), so a resumed run
-samples exactly what an uninterrupted one would.
+Nothing here knows a task: the caller passes the rows, their prompt ids and a (row, completion) -> reward function
+(evals.tasks' Task.reward). Sampling seeds derive from (seed, step, first question), so a resumed run samples exactly
+what an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -202,11 +204,20 @@ class RLLoader:
                                   num_samples=self.N, seed=sampling_seed(self.seed, self.step, idx[0]),
                                   **self.sampling)
         rewards = out["rewards"]
-        longest = _global_max(max(len(s) for s in out["seqs"]))
+        adv = group_advantages(rewards)
+        # A question whose samples all scored the same has advantage 0 everywhere: no gradient, so its rows are left
+        # out of the update (the loss and its gradient are unchanged; the update gets cheaper).
+        live = np.flatnonzero(np.abs(adv).max(axis=1) > 0)
+        seqs = [out["seqs"][q * self.N + n] for q in live for n in range(self.N)]
+        masks = [out["masks"][q * self.N + n] for q in live for n in range(self.N)]
+        longest = _global_max(max((len(s) for s in seqs), default=1))
         width = width_bucket(longest - 1, self.sampler.cfg.max_seq_len)
-        inputs, targets, weights = policy_gradient_rows(out["seqs"], out["masks"], group_advantages(rewards),
-                                                        num_questions=self.E, pad_id=self.pad_id, width=width)
-        A = -(-inputs.shape[0] // self.R)  # micro-batches; padding rows (no targets, weight 0) fill the last one
+        inputs, targets, weights = policy_gradient_rows(seqs, masks, adv[live], num_questions=self.E,
+                                                        pad_id=self.pad_id, width=width)
+        # Micro-batches: a power of two (few step programs), the same in every process; padding rows (no targets,
+        # weight 0) fill them.
+        need = _global_max(-(-len(seqs) // self.R))
+        A = 1 << max(need - 1, 0).bit_length()
         pad = A * self.R - inputs.shape[0]
         if pad:
             inputs = np.concatenate([inputs, np.full((pad, width), self.pad_id, np.int32)])
@@ -215,8 +226,9 @@ class RLLoader:
         correct = rewards > 0
         sums = _global_sum([rewards.sum(), correct.sum(), correct.any(axis=1).sum(), out["lengths"].sum(),
                             out["tools"].sum(), rewards.size, rewards.shape[0], out["seconds"]])
-        reward, n_correct, n_any, length, tools, samples, questions, seconds = sums
+        reward, n_correct, n_any, length, tools, samples, questions, seconds = sums  # over all processes
         self._metrics = {"reward": reward / samples, "pass@1": n_correct / samples,
+                         "mixed_questions": float(_global_sum([len(live)])[0]),
                          f"pass@{self.N}": n_any / questions, "completion_len": length / samples,
                          "tool_share": tools / samples,
                          "sample_tok_per_s": length / max(seconds / self.world, 1e-9),

@@ -113,6 +113,35 @@ def test_loss_mask_excludes_prompt_forced_output_and_padding():
     np.testing.assert_allclose(weights[3][targets[3] >= 0], -0.5 / (4 * 4))
 
 
+class _FixedSampler:
+    """Stands in for rl.Sampler: the same rollouts whatever the params."""
+    cfg = CFG
+
+    def __init__(self, out):
+        self.out = out
+
+    def sample(self, *args, **kwargs):
+        return self.out
+
+
+def test_questions_whose_samples_agree_are_left_out_of_the_update():
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [7, 8, 9], [7, 8, 9, 9]]
+    masks = [[0, 0, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1], [0, 1, 1, 1]]
+    rewards = np.array([[1, 0], [0, 0]], np.float32)  # question 1: both wrong, advantage 0
+    out = {"seqs": seqs, "masks": masks, "rewards": rewards, "lengths": np.array([[2, 3], [2, 3]]),
+           "tools": np.zeros((2, 2), bool), "seconds": 1.0}
+    loader = rl.RLLoader(_FixedSampler(out), ROWS, [[1]] * len(ROWS), None, examples_per_step=2, num_samples=2,
+                         rows_per_micro_batch=2, pad_id=0)
+    batch = loader.next_step(None)
+    assert batch["inputs"].shape == (1, 2, 64)
+    want = rl.policy_gradient_rows(seqs[:2], masks[:2], rl.group_advantages(rewards[:1]), num_questions=2, pad_id=0,
+                                   width=64)  # still averaged over the step's 2 questions
+    for key, array in zip(("inputs", "targets", "weights"), want):
+        np.testing.assert_array_equal(batch[key][0], array)
+    metrics = loader.step_metrics()
+    assert metrics["mixed_questions"] == 1 and metrics["reward"] == 0.25 and metrics["pass@2"] == 0.5
+
+
 def test_rl_loss_gradient_equals_the_hand_computed_one():
     """grad of the loop's weighted loss, sum(weights x nats), equals the grad of the objective written out directly:
     -(1/Q) sum_q (1/T_q) sum_n A_qn sum_t log p(token_t), over the sampled tokens only."""
@@ -232,12 +261,16 @@ def test_one_engine_call_per_step_and_the_batch_layout(sampler, tok):
     finally:
         del sampler.engine.generate_batch
     assert calls == [2]  # the step's 2 questions x 4 samples in one call
-    A, R, T = batch["inputs"].shape
-    assert (A, R) == (3, 3) and T in (64, 96) and batch["targets"].shape == batch["weights"].shape == (A, R, T)
-    flat_t, flat_w = batch["targets"].reshape(A * R, T), batch["weights"].reshape(A * R, T)
-    assert (flat_t[8:] == -1).all() and not flat_w[8:].any()  # one padding row fills the last micro-batch
     m = loader.step_metrics()
-    assert set(m) >= {"reward", "pass@1", "pass@4", "completion_len", "tool_share", "sample_tok_per_s", "update_s"}
+    assert set(m) >= {"reward", "pass@1", "pass@4", "completion_len", "tool_share", "sample_tok_per_s", "update_s",
+                      "mixed_questions"}
+    live = int(m["mixed_questions"])  # questions whose samples disagree: only their rows are trained
+    assert live == 2
+    A, R, T = batch["inputs"].shape
+    assert (A, R) == (4, 3) and T in (64, 96) and batch["targets"].shape == batch["weights"].shape == (A, R, T)
+    flat_t, flat_w = batch["targets"].reshape(A * R, T), batch["weights"].reshape(A * R, T)
+    assert (flat_t[:8] >= 0).any(axis=1).all()
+    assert (flat_t[8:] == -1).all() and not flat_w[8:].any()  # 8 rows need 3 micro-batches, made 4 (a power of 2)
     assert loader.state() == {"step": 1} and loader.questions(1) == [2, 3] and loader.questions(4) == [0, 1]
 
 
@@ -332,7 +365,7 @@ def test_the_loops_weighted_step_follows_the_policy_gradient(sampler, tok):
 
     params = random_params(seed=5)
     batch = _loader(sampler, tok, examples_per_step=2, num_samples=3, rows_per_micro_batch=4).next_step(params)
-    assert batch["inputs"].shape[:2] == (2, 4) and np.abs(batch["weights"]).sum() > 0
+    assert batch["inputs"].shape[1] == 4 and np.abs(batch["weights"]).sum() > 0
     mesh = meshlib.make_mesh("1")
     sh = meshlib.shardings(gpt.param_axes(CFG), mesh, gpt.abstract_params(CFG))
     step = make_train_step(CFG, _Negate, mesh, sh, {}, jnp.float32, remat=False)
@@ -361,7 +394,7 @@ def test_one_rl_update_on_8_devices_equals_1(sampler, tok):
 
     params = jax.tree.map(np.asarray, random_params(seed=6))  # host copies: the step donates its inputs
     batch = _loader(sampler, tok, examples_per_step=4, num_samples=4, rows_per_micro_batch=8).next_step(params)
-    assert batch["inputs"].shape[:2] == (2, 8) and np.abs(batch["weights"]).sum() > 0
+    assert batch["inputs"].shape[1] == 8 and np.abs(batch["weights"]).sum() > 0
     cfg = TrainConfig(init_lr_frac=0.05, grad_clip=0.0, momentum_warmup=0)
     results = []
     for spec in ("1", "8"):
