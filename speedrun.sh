@@ -16,8 +16,6 @@ case "${1:-}" in
 esac
 export NANOJAX_BASE_DIR="${NANOJAX_BASE_DIR:-$HOME/.cache/nanojax}"
 
-# (room for the sandbox set-up: bubblewrap for untrusted code, merged here)
-
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
 preset="${NANOJAX_PRESET:-$([ "$gpus" -gt 0 ] && echo d20 || echo cpu)}"
@@ -37,6 +35,7 @@ fi
 [ "$preset" = cpu ] || [ "$gpus" -gt 0 ] || { echo "preset $preset needs GPUs; none found (NANOJAX_DRY_RUN=1 shows its plan)" >&2
                                              exit 2; }
 source launch/venv.sh "$extras"
+bash launch/bubblewrap.sh  # the code sandbox for HumanEval: installed when missing and possible
 python -m launch.presets show
 echo "[speedrun] base dir $NANOJAX_BASE_DIR"
 mapfile -t plan < <(python -m launch.pipeline plan)

@@ -32,14 +32,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args, positive=("max_per_task", "split_tokens", "device_batch_size"))
-    from nanojax import checkpoint, report
+    from nanojax import models, report
     from nanojax import mesh as meshlib
     from nanojax.common import compute_dtype
     from nanojax.train import SAMPLE_PROMPTS
 
     meshlib.init_distributed()
     mesh = meshlib.make_mesh(args.mesh)
-    model = checkpoint.load("base", args.tag, args.step, mesh=mesh)
+    model = models.load("base", args.tag, args.step, mesh=mesh)
     cfg, tok = model.config, model.tokenizer
     print0(f"evaluating base {model.tag} step {model.step}: {model.num_params():,} params")
     source = args.source or model.meta.get("run_config", {}).get("source", "demo")

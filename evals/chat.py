@@ -8,6 +8,10 @@ Categorical tasks (ARC-Easy, ARC-Challenge, MMLU): one batched forward over the 
 tokens only at the last prompt position. Generative tasks (GSM8K, HumanEval, SpellingBee): the engine, greedy by
 default, a problem passes if any of --num-samples completions does (pass@k). ChatCORE = mean over tasks of
 (acc - baseline) / (1 - baseline), baselines 0.25 for the 4-way multiple choice tasks and 0 for the generative ones.
+
+HumanEval runs the model's programs, which are untrusted code, under kernel isolation (bubblewrap, nanojax.sandbox).
+Where that is unavailable it is not run, and the output and the report say so; --allow-unisolated-exec runs it anyway
+with Python-level guards only, and the output and the report say that instead.
 """
 from __future__ import annotations
 
@@ -93,6 +97,37 @@ def make_complete_fn(engine, tokenizer, max_new_tokens: int, temperature: float,
     return fn
 
 
+def sandbox_gate(tasks, allow_unisolated: bool) -> tuple[list, dict]:
+    """The tasks to run, and a note per task that runs model-written code: under which isolation, or why not run."""
+    from nanojax import sandbox
+
+    keep, notes = [], {}
+    for task in tasks:
+        if getattr(task, "runs_untrusted_code", False):
+            ok, why = sandbox.isolation()
+            if ok:
+                notes[task.name] = f"sandboxed ({why})"
+            elif allow_unisolated:
+                task.allow_unisolated = True
+                notes[task.name] = f"run WITHOUT kernel isolation (--allow-unisolated-exec): {why}"
+            else:
+                notes[task.name] = f"not run: {why} (see --allow-unisolated-exec)"
+                print0(f"{task.name} not run: {why}; {sandbox.INSTALL_HINT}")
+                continue
+            print0(f"{task.name}: model-written code is {notes[task.name]}")
+        keep.append(task)
+    return keep, notes
+
+
+def results_table(accuracies: dict, sources: dict, sandbox_notes: dict, max_problems) -> str:
+    """Markdown for the output and the report; a task that was not run for want of a sandbox has its row too."""
+    lines = ["| task | accuracy | problems | data |", "|---|---|---|---|"]
+    lines += [f"| {n} | {a:.4f} | {max_problems or 'all'} | {sources[n]}"
+              f"{'; ' + sandbox_notes[n] if n in sandbox_notes else ''} |" for n, a in accuracies.items()]
+    lines += [f"| {n} | - | 0 | {note} |" for n, note in sandbox_notes.items() if n not in accuracies]
+    return "\n".join(lines)
+
+
 def chat_core(accuracies: dict) -> float:
     centered = [(acc - BASELINES[name]) / (1 - BASELINES[name]) for name, acc in accuracies.items()]
     return float(np.mean(centered)) if centered else 0.0
@@ -112,6 +147,8 @@ def parse_args(argv=None):
     p.add_argument("-m", "--max-new-tokens", type=int, default=512, help="most tokens per generated answer")
     p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature of generative tasks; 0 is greedy (default: 0.0)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 for all")
+    p.add_argument("--allow-unisolated-exec", action="store_true",
+                   help="run HumanEval's model-written code even where kernel isolation (bubblewrap) is unavailable")
     return p.parse_args(argv)
 
 
@@ -124,11 +161,12 @@ def main(argv=None):
 
     names = args.task_name.split("|") if args.task_name is not None else list(BASELINES)
     tasks = [get_task(n) for n in names]  # an unknown name fails here, before loading a model
-    from nanojax import checkpoint, report
+    tasks, sandbox_notes = sandbox_gate(tasks, args.allow_unisolated_exec)
+    from nanojax import models, report
     from nanojax.common import compute_dtype
     from nanojax.engine import Engine
 
-    model = checkpoint.load(args.stage, args.tag, args.step)
+    model = models.load(args.stage, args.tag, args.step)
     tok, dtype = model.tokenizer, compute_dtype()
     print0(f"evaluating {args.stage}/{model.tag} step {model.step} on {', '.join(names)}")
     last_logits = make_last_logits_fn(model.params, model.config, dtype)
@@ -143,9 +181,7 @@ def main(argv=None):
             acc = evaluate_generative(task, rows, tok, complete, args.num_samples, args.batch_size)
         accuracies[task.name], sources[task.name] = acc, task.source
         print0(f"{task.name:<14} accuracy {acc:.4f} ({len(rows)} problems, data: {task.source})")
-    lines = ["| task | accuracy | problems | data |", "|---|---|---|---|"]
-    lines += [f"| {n} | {a:.4f} | {args.max_problems or 'all'} | {sources[n]} |" for n, a in accuracies.items()]
-    table = "\n".join(lines)
+    table = results_table(accuracies, sources, sandbox_notes, args.max_problems)
     print0(table)
     result = {name: acc for name, acc in accuracies.items()}
     if set(accuracies) == set(BASELINES):

@@ -19,7 +19,7 @@ DEFAULTS = {"eval_every": 150, "sample_every": 150, "grad_clip": 0.0, "momentum_
 
 def lr_multiplier(step: int, progress: float) -> float:
     """nanochat's mid schedule, driven by the share of the mixture consumed: flat, then linear to 0 from 80%."""
-    return 1.0 if progress < 0.8 else max(0.0, 1 - (progress - 0.8) / 0.2)
+    return 1.0 if progress < 0.8 else max(0.0, (1.0 - progress) / 0.2)
 
 
 def parse_args(argv=None):

@@ -11,8 +11,8 @@ __all__ = ["load", "list_checkpoints"]
 
 def __getattr__(name):
     if name in __all__:
-        from nanojax import checkpoint
-        return getattr(checkpoint, name)
+        from nanojax import models
+        return getattr(models, name)
     raise AttributeError(f"module 'nanojax' has no attribute {name!r}")
 
 

@@ -3,7 +3,7 @@
     python -m nanojax.bench train --depth 4 --mesh 1 --device-batch-size 8 --max-seq-len 256 --vocab-size 8192
     python -m nanojax.bench memory --depth 20 --mesh 8 --device-batch-size 32     # fits an 80 GB H100?
     python -m nanojax.bench decode --depth 4 --batch 1 --prompt-len 32 --new-tokens 256
-    python -m nanojax.bench data        # dataloader tokens/s on the demo corpus (Grain threads, old loader)
+    python -m nanojax.bench data        # dataloader tokens/s on the demo corpus (Grain threads, kept fraction)
     python -m nanojax.bench tokenizer   # BPE training and encoding MB/s
 
 Every figure is labelled with the backend and device it was measured on: a CPU number is not a GPU number.
@@ -183,22 +183,15 @@ def fineweb_like_kept_fraction(seq_len: int, buffer_size: int = 1000, docs: int 
 
 
 def bench_data(args) -> dict:
-    """The Grain loader with 1, 2 and the default number of worker threads (and worker processes), beside the
-    hand-written loader it replaced, in one invocation on the same data."""
+    """The Grain loader with 1, 2 and the default number of worker threads (the hand-written loader it replaced was
+    timed beside it in the same invocation until the figures were in docs/performance.md)."""
     from nanojax.dataloader import DEFAULT_WORKERS, PretrainLoader
-    from nanojax.dataloader_old import PackedLoader
     from tokenizer import get_tokenizer
 
     tok = get_tokenizer()
-    common = dict(rows=args.rows, seq_len=args.max_seq_len)
-    runs = {"old (reader thread, 4 tokenizer threads)": lambda: PackedLoader(tok, args.source, "train", **common)}
-    for w in sorted({1, 2, DEFAULT_WORKERS}):
-        runs[f"grain, {w} thread{'s' * (w > 1)}"] = (
-            lambda w=w: PretrainLoader(tok, args.source, "train", packing=args.packing, workers=w, **common))
-    if args.processes:
-        runs["grain, 2 processes"] = lambda: PretrainLoader(tok, args.source, "train", packing=args.packing,
-                                                             workers=2, processes=True, **common)
-    results = {name: _loader_rate(make, args.seconds) for name, make in runs.items()}
+    results = {f"grain, {w} thread{'s' * (w > 1)}": _loader_rate(
+        lambda: PretrainLoader(tok, args.source, "train", args.rows, args.max_seq_len, packing=args.packing,
+                               workers=w), args.seconds) for w in sorted({1, 2, DEFAULT_WORKERS})}
     return {"bench": "data", "source": args.source, "rows": args.rows, "seq_len": args.max_seq_len,
             "packing": args.packing, "cpus": os.cpu_count(), "default_workers": DEFAULT_WORKERS, "loaders": results,
             "fineweb_like_kept_fraction": round(fineweb_like_kept_fraction(args.max_seq_len), 4)}
@@ -253,7 +246,6 @@ def main(argv=None):
     p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row")
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per loader")
     p.add_argument("--packing", choices=PACKINGS, default="bestfit", help="how documents become rows")
-    p.add_argument("--processes", action="store_true", help="also time Grain worker processes (2)")
     p = sub.add_parser("tokenizer", help="BPE training and encoding MB/s")
     p.add_argument("--text-mb", type=float, default=20, help="megabytes of text to train on")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size to train")

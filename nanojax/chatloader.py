@@ -1,7 +1,7 @@
 """Conversation data on Grain for mid-training and SFT, as nanochat Oct-2025 feeds them.
 
-The stage passes in its conversations as a random-access dataset (a grain.MapDataset or any sequence; `mixture()`
-builds nanochat's mixtures) and a `render(conversation) -> (ids, mask)` function (tokenizer/chat.py). Each process
+The stage passes in its conversations as a random-access dataset (a grain.MapDataset or any sequence;
+evals/tasks/mixtures.py builds nanochat's mixtures) and a `render(conversation) -> (ids, mask)` function (tokenizer/chat.py). Each process
 takes every world-th conversation from its rank; rendering runs in Grain's worker threads.
 
 - `MidLoader` (mid-training): the conversations' ids concatenated into one token stream (the mask is dropped: every
@@ -18,32 +18,12 @@ State is a cursor (and an offset into one conversation for the stream): resuming
 """
 from __future__ import annotations
 
-import random
-
 import grain
 import numpy as np
 
 from nanojax.dataloader import StreamBatches
 
 MIN_BUCKET = 64
-
-
-def mixture(tasks, seed: int = 42) -> grain.MapDataset:
-    """nanochat's TaskMixture: the tasks concatenated, then shuffled once with random.Random(seed); a task listed
-    twice is seen twice (two epochs of it)."""
-    parts = [t if isinstance(t, grain.MapDataset) else grain.MapDataset.source(t) for t in tasks]
-    whole = grain.MapDataset.concatenate(parts)
-    order = list(range(len(whole)))
-    random.Random(seed).shuffle(order)
-    return grain.MapDataset.source(order).map(_Lookup(whole))
-
-
-class _Lookup:
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __call__(self, i):
-        return self.dataset[i]
 
 
 def _as_dataset(conversations) -> grain.MapDataset:

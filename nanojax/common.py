@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import glob
 import http.client
@@ -29,8 +30,12 @@ class UserError(Exception):
     """Bad input or a missing prerequisite. The message names the bad value and what is allowed."""
 
 
+WRITE_FAULTS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)  # read-only file system, disk full, quota
+
+
 def cli(main):
-    """Wrap a CLI entry point: a UserError prints `error: ...` and exits 2; Ctrl-C exits 130."""
+    """Wrap a CLI entry point: a UserError, or a write refused by a full or read-only disk, prints `error: ...` and
+    exits 2; Ctrl-C exits 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -38,6 +43,14 @@ def cli(main):
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in WRITE_FAULTS:
+                raise
+            # A write that the disk refused, wherever it happened: the cause in one line, not a traceback.
+            print(f"error: cannot write {e.filename or 'a file'} ({e.strerror}); nanojax writes under "
+                  f"NANOJAX_BASE_DIR ({os.environ.get('NANOJAX_BASE_DIR') or '~/.cache/nanojax'}): free space there "
+                  f"or point it at a writable directory", file=sys.stderr, flush=True)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)

@@ -12,6 +12,11 @@ from nanojax.common import UserError, check_args
 
 PACKINGS = ("bestfit", "stream")  # how the pretraining loader makes rows (nanojax/dataloader.py)
 
+
+def check_packing(packing: str):
+    if packing not in PACKINGS:
+        raise UserError(f"--packing {packing!r}: use one of {', '.join(PACKINGS)}")
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
 
@@ -148,8 +153,7 @@ class TrainConfig:
             if self.remat.startswith("_") or not hasattr(jax.checkpoint_policies, self.remat):
                 raise UserError(f"--remat {self.remat}: use auto, full, none or a jax.checkpoint_policies name such as "
                                 f"dots_with_no_batch_dims_saveable")
-        if self.packing not in PACKINGS:
-            raise UserError(f"--packing {self.packing!r}: use one of {', '.join(PACKINGS)}")
+        check_packing(self.packing)
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio} is over 1: "
                             f"warmup and warmdown together cannot be longer than the run")

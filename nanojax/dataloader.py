@@ -4,7 +4,7 @@ documents into rows of T+1 tokens with our packer, and hands the training loop o
     RowGroups (this process's row groups: g = rank, rank + world, ...)      grain.MapDataset.source
       -> repeat (epochs) -> read + tokenize each group (BOS first)           .repeat().map_with_index()
       -> start at the resume point, prefetched by worker threads             [start:].to_iter_dataset(ReadOptions)
-      -> BestFitPack or StreamPack (ours): rows of T+1 tokens               an IterDataset with its own state
+      -> Pack, bestfit or stream (ours): rows of T+1 tokens                 an IterDataset with its own state
       -> rows per micro-batch -> next_step(): inputs/targets (A, R, T)       .batch(R)
 
 Packing (`--packing`): `bestfit` (default) fills each row from a buffer of documents, taking the largest one that fits
@@ -16,7 +16,10 @@ it into rows anywhere, consecutive rows sharing one token, so every token is an 
 State is small and exact: the next document to read, by (row group, index), and the documents held by the packer, by
 address (plus the offset into the current one for `stream`). Resuming rebuilds the pipeline at that row group and
 re-reads and re-tokenizes the held documents, so the next rows equal those of an uninterrupted run, across epochs too.
-No tokens are stored. The state is saved as the checkpoint's `data_state` item (nanojax/checkpoint.py).
+No tokens are stored. The state is saved as the checkpoint's `data_state` item (nanojax/checkpoint.py): every
+process's state gathered into one JSON item of the same Orbax checkpoint, rather than through Grain's Orbax handler,
+which writes one file per process and restores only onto the same process count (a resume on another count continues
+from the first row group no process had reached).
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ import numpy as np
 
 from nanojax import dataset
 from nanojax.common import UserError, print0
-from nanojax.config import PACKINGS
-DEFAULT_WORKERS = 2  # reader/tokenizer threads; `bench data` measured 2 best on 2 cores (docs/performance.md)
+from nanojax.config import check_packing
+
+DEFAULT_WORKERS = 2  # reader/tokenizer threads (`bench data`: 1 and 2 within noise on 2 cores, docs/performance.md)
 
 
 @dataclass
@@ -89,14 +93,12 @@ class Tokenize:
 
 
 def tokenized_groups(groups: RowGroups, tokenizer, start: int, *, workers: int = DEFAULT_WORKERS,
-                     processes: bool = False, loop: bool = True) -> grain.IterDataset:
+                     loop: bool = True) -> grain.IterDataset:
     """The row groups from position `start` of the repeated source (epoch x len + index), read and tokenized by
-    `workers` Grain threads (or worker processes), in order."""
+    `workers` Grain threads, in order. (Threads: tiktoken and pyarrow release the GIL; worker processes measured no
+    faster on 2 cores, docs/performance.md.)"""
     ds = grain.MapDataset.source(groups).repeat(None if loop else 1).map_with_index(Tokenize(groups, tokenizer))
     ds = ds[start:]
-    if processes:
-        return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers))
 
 
@@ -113,8 +115,6 @@ class _PackIterator(grain.DatasetIterator):
         self._skip = state.doc  # the first group read is the one the state names: its first `doc` documents are done
         self._pending: list = []  # documents of the current group not yet taken
         self.tokens_read = self.tokens_kept = 0
-        self.epochs_started = state.epoch + 1
-        self.rows = 0
 
     def _reload(self, refs) -> list:
         """The documents named by (group, doc) refs, re-read and re-tokenized (resume only)."""
@@ -130,7 +130,6 @@ class _PackIterator(grain.DatasetIterator):
             if epoch > self.epoch:
                 print0(f"warning: the data loader ran out of {self.groups.split} data and starts epoch {epoch + 1}: "
                        f"documents repeat from here on (download more shards or train fewer steps)")
-                self.epochs_started = epoch + 1
             self.epoch, self.group, self.doc = epoch, g, first
             self._pending = [((g, i), docs[i]) for i in range(len(docs) - 1, first - 1, -1)]  # reversed: pop() is next
         ref, tokens = self._pending.pop()
@@ -142,7 +141,7 @@ class _PackIterator(grain.DatasetIterator):
         return (self._pending[-1][0] if self._pending else (self.group, self.doc))
 
     def epochs(self) -> float:
-        """Epochs of this process's row groups begun so far, as a fraction (1.37: a third of the way into the second)."""
+        """Epochs of this process's row groups begun so far, as a fraction (1.37: a third into the second)."""
         return self.epoch + self.groups.position(self.group) / len(self.groups)
 
     def kept_fraction(self) -> float:
@@ -193,7 +192,6 @@ class _BestFitIterator(_PackIterator):
             filled += take
             self.tokens_read += len(tokens)
             self.tokens_kept += take
-        self.rows += 1
         return row
 
     def get_state(self) -> dict:
@@ -222,9 +220,9 @@ class _StreamIterator(_PackIterator):
             take = min(len(tokens) - offset, self.row_len - filled)
             row[filled:filled + take] = tokens[offset:offset + take]
             filled += take
-            self._current = (ref, tokens, offset + take - (filled == self.row_len))  # the last token starts the next row
+            # A full row's last token is the next row's first.
+            self._current = (ref, tokens, offset + take - (filled == self.row_len))
         self.tokens_kept += self.row_len - 1
-        self.rows += 1
         return row
 
     def kept_fraction(self) -> float:
@@ -254,11 +252,6 @@ class Pack(grain.IterDataset):
         return f"Pack({self.packing}, row_len={self.row_len})"
 
 
-def check_packing(packing: str):
-    if packing not in PACKINGS:
-        raise UserError(f"--packing {packing!r}: use one of {', '.join(PACKINGS)}")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The loader the training loop calls.
 
@@ -268,7 +261,7 @@ class PretrainLoader:
 
     def __init__(self, tokenizer, source, split: str, rows: int, seq_len: int, *, accum: int = 1, rank: int = 0,
                  world: int = 1, packing: str = "bestfit", buffer_size: int = 1000, workers: int = DEFAULT_WORKERS,
-                 processes: bool = False, state: dict | None = None, loop: bool = True):
+                 state: dict | None = None, loop: bool = True):
         check_packing(packing)
         self.rows, self.seq_len, self.accum, self.packing = rows, seq_len, accum, packing
         self.groups = RowGroups(source, split, rank, world)
@@ -283,19 +276,14 @@ class PretrainLoader:
             pos = 0
         elif self.groups[pos] != st.group:
             st = LoaderState(st.epoch, self.groups[pos], 0, st.buffer)
-        docs = tokenized_groups(self.groups, tokenizer, st.epoch * len(self.groups) + pos, workers=workers,
-                                processes=processes, loop=loop)
+        docs = tokenized_groups(self.groups, tokenizer, st.epoch * len(self.groups) + pos, workers=workers, loop=loop)
         packed = Pack(docs, self.groups, tokenizer, seq_len + 1, packing, st, buffer_size)
         self._batches = iter(packed.batch(rows, drop_remainder=True))
-        self._packer = self._batches._parent  # the batch iterator's state is the packer's
+        self._packer = self._batches._parent  # (Grain's batch iterator wraps ours and returns its state)
 
     def next_batch(self) -> np.ndarray:
         """(rows, T+1) int32."""
         return next(self._batches)
-
-    def next_inputs_targets(self) -> tuple[np.ndarray, np.ndarray]:
-        row = self.next_batch()
-        return row[:, :-1], row[:, 1:]
 
     def next_step(self, params=None) -> dict:
         rows = np.stack([self.next_batch() for _ in range(self.accum)])
@@ -358,8 +346,9 @@ class StreamBatches:
                 break
         stream = np.concatenate(parts)[:self.max_tokens + 1] if parts else np.zeros(0, np.int32)
         if len(stream) - 1 < self.max_tokens:
-            print0(f"note: {self.flag} {self.max_tokens:,} is more than {self.label} holds ({max(len(stream) - 1, 0):,} "
-                   f"tokens): evaluating all of it once instead")
+            held = max(len(stream) - 1, 0)
+            print0(f"note: {self.flag} {self.max_tokens:,} is more than {self.label} holds ({held:,} tokens): "
+                   f"evaluating all of it once instead")
         return stream
 
     @property

@@ -144,19 +144,34 @@ def _open_parquet(path: Path):
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
-    field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
-    if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
-                             or pa.types.is_string_view(field.type)):
+    names = pf.schema_arrow.names
+    if "text" not in names:
         pf.close()
-        raise UserError(f"{path}: parquet file needs a string column named `text` (has {pf.schema_arrow.names})")
+        raise UserError(f"{path}: parquet file needs a string column named `text`; its columns are "
+                        f"{', '.join(names) or 'none'}")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        pf.close()
+        raise UserError(f"{path}: its `text` column holds {kind}, not strings; the documents must be text")
     return pf
+
+
+def _decode(path: Path, data: bytes, where: str = "") -> str:
+    """Strict UTF-8: a file in another encoding is an error naming the place, not text with replacement characters."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        place = f"offset {e.start} of the line" if where else f"offset {e.start}"
+        raise UserError(f"{path}{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at {place}); convert the file to "
+                        f"UTF-8 first, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _jsonl_groups(path: Path) -> Iterator[list[tuple[int, str]]]:
     """Non-blank (line number, line) pairs of a .jsonl file, JSONL_GROUP at a time; parsed only when wanted."""
     group = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = _decode(path, raw, f":{number}")
             if line.strip():
                 group.append((number, line))
                 if len(group) == JSONL_GROUP:
@@ -181,16 +196,23 @@ def _parse_jsonl(path: Path, group: list[tuple[int, str]]) -> list[str]:
 
 def _file_groups(path: Path, wanted) -> Iterator[tuple[int, list[str] | None]]:
     """(local group index, texts) for every row group of one file; texts only where `wanted(local index)`."""
+    from pyarrow import ArrowException
+
     if path.suffix == ".parquet":
         with _open_parquet(path) as pf:
             for g in range(pf.metadata.num_row_groups):
                 if wanted(g):
-                    texts = pf.read_row_group(g, columns=["text"]).column(0).to_pylist()
+                    try:
+                        texts = pf.read_row_group(g, columns=["text"]).column(0).to_pylist()
+                    except (ArrowException, OSError, UnicodeDecodeError) as e:
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                        raise UserError(f"{path}: row group {g} cannot be read ({first}); the file is damaged: "
+                                        f"fetch or write it again") from None
                     yield g, [t for t in texts if t]
                 else:
                     yield g, None
     elif path.suffix == ".txt":
-        yield 0, ([t] if wanted(0) and (t := path.read_text(encoding="utf-8", errors="replace")).strip() else None)
+        yield 0, ([t] if wanted(0) and (t := _decode(path, path.read_bytes())).strip() else None)
     else:
         for g, group in enumerate(_jsonl_groups(path)):
             yield g, (_parse_jsonl(path, group) if wanted(g) else None)
@@ -437,7 +459,7 @@ def _check_local(source: str) -> Path:
                 with _open_parquet(f) as pf:
                     docs += pf.metadata.num_rows
             elif f.suffix == ".txt":
-                docs += f.stat().st_size > 0
+                docs += bool(_decode(f, f.read_bytes()).strip())
             else:
                 for g, group in enumerate(_jsonl_groups(f)):
                     if g == 0:

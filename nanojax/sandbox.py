@@ -1,17 +1,24 @@
-"""Running model-written code: the calculator tool and HumanEval execution.
+"""Running model-written code: the calculator tool and sandboxed program execution (HumanEval, code tasks).
 
 calculator(expr) is what the engine calls between <|python_start|> and <|python_end|>: it never runs Python, it walks
 the parsed expression and evaluates a few node types itself (arithmetic on numbers, str.count on a string literal).
 
-execute(code) runs a whole program in a child Python, layered so that one failing layer is not the end:
-  - a fresh process (`python -I`), environment scrubbed to PATH, stdin /dev/null, cwd a fresh temp dir removed after;
-  - a new network namespace when the kernel allows it (no interface but a down loopback: even 127.0.0.1 fails);
-  - when started as root: drop to uid/gid 65534 (nobody), so the kernel itself refuses to touch the caller's files
-    or read its /proc/<pid>/environ, and RLIMIT_NPROC actually applies;
-  - rlimits: address space (memory), file size, processes, core dumps;
-  - a guard prelude: process spawning, signals, sockets, and writes/deletes outside the temp dir raise PermissionError;
-  - a wall-clock timeout that kills the child's whole process group.
-It is a guard against accidents and a badly behaved model, not a hardened jail (no seccomp).
+execute(code) runs a whole program as untrusted code under kernel isolation from bubblewrap (`bwrap`):
+  - new user, network (loopback only, nothing listening), PID, IPC, UTS and cgroup namespaces; no further user
+    namespaces inside; started as nobody when the caller is root, so even its user namespace is unprivileged;
+  - the file system is a read-only /usr (the interpreter), a fresh /proc, a read-only minimal /dev, and a private tmpfs
+    of TMPFS_BYTES at /tmp as the only writable place: the caller's home, the base directory, /dev/shm and the real
+    /tmp do not exist in there; the environment is empty but PATH;
+  - limits: address space, CPU time, file size (which bounds stdout/stderr too), tasks, no core dumps; a wall-clock
+    timeout kills the whole sandbox;
+  - a pass is proven: after the program ran to its end the harness prints a random per-run token; an exit (sys.exit(0),
+    exit(), os._exit), a signal or a timeout never reaches it and fails with its reason.
+Where bubblewrap is missing or the kernel refuses its namespaces (Docker's default seccomp profile, some Kubernetes pods,
+Ubuntu 24.04's AppArmor restriction), execute refuses with SandboxUnavailable unless the caller opts in
+(allow_unisolated=True, `--allow-unisolated-exec`); the result then says isolated=False. Python-level guards (refused
+sockets, processes, writes outside the work directory) run in the child as well: defence in depth only, since a program
+can undo them. The token is kept in the child's memory while the program runs: it stops exits, not a program written to
+search its own process for the token.
 """
 from __future__ import annotations
 
@@ -19,12 +26,17 @@ import ast
 import dataclasses
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from fractions import Fraction
+from pathlib import Path
+
+from nanojax.common import UserError
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The calculator tool.
@@ -114,12 +126,22 @@ def calculator(expr: str) -> str | None:
         return None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Program execution.
 
 NOBODY = 65534
 FILE_SIZE_LIMIT = 16 << 20  # stdout/stderr and any file the program writes
+TMPFS_BYTES = 32 << 20  # the sandbox's only writable place
+MAX_PROCESSES = 16  # tasks (processes and threads) of the sandbox's user, its own init included
+WORKDIR = "/tmp/work"  # inside the sandbox
+BWRAP = "bwrap"
 CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
+INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) on a "
+                "kernel that allows unprivileged user namespaces, or opt in to running model-written code with only "
+                "Python-level guards (--allow-unisolated-exec)")
+
+
+class SandboxUnavailable(UserError):
+    """Kernel isolation is unavailable and the caller did not opt in to running untrusted code without it."""
 
 
 @dataclasses.dataclass
@@ -129,6 +151,8 @@ class ExecResult:
     stderr: str  # the error text: the traceback for a failure, a note for a timeout
     returncode: int | None
     seconds: float
+    reason: str = ""  # why it did not pass, in a few words ("" when it passed)
+    isolated: bool = True  # False: run without kernel isolation, because the caller opted in
 
     @property
     def passed(self) -> bool:
@@ -141,49 +165,53 @@ class ExecResult:
         return lines[-1] if lines else ""
 
 
-# Runs first in the child, as `python -I -c _PRELUDE WORKDIR PROGRAM MEM_BYTES FSIZE_BYTES GUARD`. Kept as plain
-# source text because the child must not import anything from this project.
+# Runs first in the child, as `python -I -c _PRELUDE WORKDIR PROGRAM MEM FSIZE CPU GUARD ISOLATED`, with the run's
+# token on stdin. Plain source text: the child must not import anything from this project. Under bubblewrap the
+# namespaces, the read-only system and the uid are the kernel's work; only the limits are set here. Without it (the
+# caller opted in) it tries what it can itself: its own network namespace, and root drops to nobody.
 _PRELUDE = r'''
 import os, sys
 
 def _nanojax_sandbox():
     import builtins, io, _io, resource, signal, stat
-    workdir, program, guard = sys.argv[1], sys.argv[2], sys.argv[5] == "1"
-    mem, fsize = int(sys.argv[3]), int(sys.argv[4])
+    workdir, program = sys.argv[1], sys.argv[2]
+    mem, fsize, cpu = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    guard, isolated = sys.argv[6] == "1", sys.argv[7] == "1"
+    token = os.read(0, 64)  # the proof of a finished run; stdin is /dev/null for the program
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     with open(program, encoding="utf-8") as f:
         source = f.read()
-    info = {"netns": False, "uid": os.geteuid()}
+    info = {"netns": isolated, "uid": os.geteuid(), "isolated": isolated}
 
-    # 1. Network: a new namespace (as root; else inside a new user namespace) has only a down loopback.
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        flags = %(CLONE_NEWNET)d | (0 if os.geteuid() == 0 else %(CLONE_NEWUSER)d)
-        info["netns"] = libc.unshare(flags) == 0
-    except Exception:
-        pass
+    if not isolated:
+        try:  # a new network namespace (as root; else inside a new user namespace) has only a down loopback
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            info["netns"] = libc.unshare(%(CLONE_NEWNET)d | (0 if os.geteuid() == 0 else %(CLONE_NEWUSER)d)) == 0
+        except Exception:
+            pass
 
-    # 2. Root drops to nobody, if that user can still read the standard library it will import.
-    def world_readable(path):
-        path = os.path.realpath(path)
-        if not os.stat(path).st_mode & stat.S_IROTH:
-            return False
-        while True:
-            mode = os.stat(path).st_mode
-            if not mode & stat.S_IXOTH:
+        def world_readable(path):
+            path = os.path.realpath(path)
+            if not os.stat(path).st_mode & stat.S_IROTH:
                 return False
-            parent = os.path.dirname(path)
-            if parent == path:
-                return True
-            path = parent
-    if os.geteuid() == 0 and world_readable(os.path.dirname(os.__file__)):
-        os.setgroups([])
-        os.setgid(%(NOBODY)d)
-        os.setuid(%(NOBODY)d)
-        info["uid"] = os.geteuid()
+            while True:
+                if not os.stat(path).st_mode & stat.S_IXOTH:
+                    return False
+                parent = os.path.dirname(path)
+                if parent == path:
+                    return True
+                path = parent
+        if os.geteuid() == 0 and world_readable(os.path.dirname(os.__file__)):
+            os.setgroups([])
+            os.setgid(%(NOBODY)d)
+            os.setuid(%(NOBODY)d)
+            info["uid"] = os.geteuid()
 
-    # 3. Limits.
-    for name, value in (("RLIMIT_AS", mem), ("RLIMIT_FSIZE", fsize), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
+    for name, value in (("RLIMIT_AS", mem), ("RLIMIT_FSIZE", fsize), ("RLIMIT_CPU", cpu),
+                        ("RLIMIT_NPROC", %(MAX_PROCESSES)d if isolated else 0), ("RLIMIT_CORE", 0)):
         try:
             resource.setrlimit(getattr(resource, name), (value, value))
         except (ValueError, OSError, AttributeError):
@@ -194,10 +222,26 @@ def _nanojax_sandbox():
     import tempfile
     tempfile.tempdir = workdir
     sys._nanojax_sandbox = info
-    if not guard:
-        return source
+    if guard:
+        _nanojax_guards(workdir)
+    code = compile(source, "main.py", "exec")
+    del source
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    except SystemExit as e:
+        print(f"SystemExit({e.code!r}): exited before its tests finished", file=sys.stderr)
+        raise
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os.write(1, b"\n" + token)  # only a run that got here passes
 
-    # 4. Guards. Writes, deletes and renames stay inside workdir; processes, signals and sockets are refused.
+
+def _nanojax_guards(workdir):
+    """Defence in depth only: Python-level refusals that a determined program can undo."""
+    import builtins, io, _io
     root = os.path.realpath(workdir)
 
     def inside(path):
@@ -277,88 +321,185 @@ def _nanojax_sandbox():
         for name in ("socketpair", "fromfd", "create_connection", "create_server"):
             if hasattr(module, name):
                 setattr(module, name, refuse(f"socket.{name}"))
-    # Importing these afterwards raises ImportError (ctypes could undo every guard above).
     for name in ("ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "_multiprocessing", "pty", "resource",
                  "psutil", "ipdb", "joblib", "tkinter", "_tkinter"):
         sys.modules[name] = None
-    return source
 
-_nanojax_source = _nanojax_sandbox()
-del _nanojax_sandbox
-_nanojax_code = compile(_nanojax_source, "main.py", "exec")
-del _nanojax_source
-exec(_nanojax_code, {"__name__": "__main__", "__builtins__": __builtins__})
-''' % {"CLONE_NEWNET": CLONE_NEWNET, "CLONE_NEWUSER": CLONE_NEWUSER, "NOBODY": NOBODY}
+_nanojax_sandbox()
+''' % {"CLONE_NEWNET": CLONE_NEWNET, "CLONE_NEWUSER": CLONE_NEWUSER, "NOBODY": NOBODY, "MAX_PROCESSES": MAX_PROCESSES}
 
 
 def _python() -> str:
-    """The system interpreter when there is one: a venv or pyenv python may live under a home that uid nobody (or a
-    new user namespace) cannot read."""
+    """The system interpreter when there is one: a venv or pyenv python may live under a home that the sandbox does
+    not show (and that uid nobody cannot read)."""
     for path in ("/usr/bin/python3", "/usr/local/bin/python3"):
         if os.access(path, os.X_OK):
             return path
     return sys.executable
 
 
-def _read(path: str, limit: int = 1 << 20) -> str:
+def _bwrap_argv(bwrap: str, python: str) -> list[str]:
+    """Namespaces (user, network, PID, IPC, UTS, cgroup), a read-only /usr (and the interpreter's prefix), a fresh /proc
+    and /dev (read-only), a bounded tmpfs at /tmp as the only writable place, no environment, uid/gid nobody."""
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+            "--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "lib", "lib32", "lib64", "sbin"):  # merged-/usr links, or real directories on older systems
+        path = Path("/") / name
+        if path.is_symlink():
+            argv += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            argv += ["--ro-bind", str(path), str(path)]
+    prefix = Path(os.path.realpath(python)).parents[1]
+    if not str(prefix).startswith("/usr"):
+        argv += ["--ro-bind", str(prefix), str(prefix)]
+    return argv + ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--size", str(TMPFS_BYTES),
+                   "--tmpfs", "/tmp", "--dir", WORKDIR, "--chdir", WORKDIR, "--clearenv", "--setenv", "PATH",
+                   "/usr/bin:/bin", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox"]
+
+
+def _user_kwargs() -> dict:
+    """Root starts the sandbox as nobody: then even its user namespace maps to an unprivileged user."""
+    return {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+
+
+_ISOLATION: dict = {}
+
+
+def isolation() -> tuple[bool, str]:
+    """(True, "bubblewrap X") where kernel isolation works here, else (False, why not). Probed once per process."""
+    bwrap = shutil.which(BWRAP)
+    if bwrap is None:
+        return False, f"bubblewrap ({BWRAP}) is not installed"
+    if bwrap not in _ISOLATION:
+        try:
+            probe = subprocess.run(_bwrap_argv(bwrap, _python()) + ["--", _python(), "-I", "-c", "pass"],
+                                   capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+                                   **_user_kwargs())
+            why = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+            ok = probe.returncode == 0
+        except (OSError, subprocess.SubprocessError) as e:
+            ok, why = False, str(e)
+        if ok:
+            version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
+            _ISOLATION[bwrap] = (True, version or "bubblewrap")
+        else:
+            _ISOLATION[bwrap] = (False, f"bubblewrap cannot create its namespaces here ({why})")
+    return _ISOLATION[bwrap]
+
+
+def require_isolation(allow_unisolated: bool = False) -> bool:
+    """True when untrusted code will run isolated; False when it will run without (opted in); refuses otherwise."""
+    ok, why = isolation()
+    if not ok and not allow_unisolated:
+        raise SandboxUnavailable(f"model-written code is not run: {why}; {INSTALL_HINT}")
+    return ok
+
+
+def _read(path: str, limit: int = 1 << 20) -> bytes:
     with open(path, "rb") as f:
-        data = f.read(limit)
-    return data.decode("utf-8", errors="replace")
+        return f.read(limit)
 
 
-def execute(code: str, timeout: float = 5.0, memory_mb: int = 256, *, guard: bool = True) -> ExecResult:
-    """Run `code` as a Python program in the sandbox. "passed" means exit code 0; "memory_exceeded" means it
-    failed with a MemoryError under the address-space limit. `guard=False` leaves out the Python-level guards
-    (only to test the kernel-level layers)."""
+def _tail(path: str, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(max(os.fstat(f.fileno()).st_size - n, 0))
+        return f.read()
+
+
+def _verdict(code: int | None, timed_out: bool, proven: bool, stderr: str, timeout: float) -> tuple[str, str]:
+    """(status, reason). A pass needs the token the harness prints after the program finished and exit status 0."""
+    if timed_out:
+        return "timeout", f"killed after {timeout:g} s (wall clock)"
+    if code == 0 and proven:
+        return "passed", ""
+    exits = [line for line in stderr.splitlines() if line.startswith("SystemExit(")]
+    if exits:
+        return "failed", exits[-1]
+    if code == 0:
+        return "failed", "exited with status 0 before its tests finished (os._exit, or output over the size limit)"
+    if "MemoryError" in stderr or "Cannot allocate memory" in stderr:
+        return "memory_exceeded", "out of memory (address-space limit)"
+    signum = -code if code < 0 else code - 128 if code > 128 else None  # bubblewrap reports a signal as 128 + n
+    if signum in (signal.SIGXCPU, signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGTERM):
+        what = "CPU time limit" if signum == signal.SIGXCPU else signal.Signals(signum).name
+        return "failed", f"killed by {signal.Signals(signum).name}" + (f" ({what})" if signum == signal.SIGXCPU else "")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return "failed", lines[-1][:200] if lines else f"exited with status {code}"
+
+
+def execute(code: str, timeout: float = 5.0, memory_mb: int = 256, *, allow_unisolated: bool = False,
+            guard: bool = True) -> ExecResult:
+    """Run `code` as a Python program under kernel isolation (bubblewrap). "passed" only if the program ran to its end:
+    the harness then prints a per-run random token, which an exit (sys.exit(0), os._exit, a signal) never reaches.
+    Without working isolation this raises SandboxUnavailable, unless `allow_unisolated` (then the result says
+    isolated=False). `guard=False` leaves out the Python-level guards (only to test the kernel's layers)."""
+    isolated = require_isolation(allow_unisolated)
+    token = secrets.token_hex(16).encode()
     outer = tempfile.mkdtemp(prefix="nanojax-sandbox-")
     start = time.monotonic()
     try:
-        work = os.path.join(outer, "work")
-        os.mkdir(work, 0o700)
-        program = os.path.join(work, "main.py")
+        program = os.path.join(outer, "main.py")
         with open(program, "w", encoding="utf-8") as f:
             f.write(code)
-        if os.geteuid() == 0:  # the child may run as nobody: it owns its work dir, and may pass through outer
-            os.chown(work, NOBODY, NOBODY)
-            os.chown(program, NOBODY, NOBODY)
-            os.chmod(outer, 0o711)
+        limits = [str(memory_mb << 20), str(FILE_SIZE_LIMIT), str(math.ceil(timeout) + 1), "1" if guard else "0"]
+        python = _python()
+        if isolated:
+            work = WORKDIR
+            source = open(program, "rb")  # copied into the sandbox's tmpfs by bubblewrap
+            argv = (_bwrap_argv(shutil.which(BWRAP), python) + ["--file", str(source.fileno()), f"{WORKDIR}/main.py",
+                    "--", python, "-I", "-c", _PRELUDE, work, f"{WORKDIR}/main.py", *limits, "1"])
+            extra = {"pass_fds": (source.fileno(),), "env": {}, **_user_kwargs()}
+        else:
+            work = os.path.join(outer, "work")
+            os.mkdir(work, 0o700)
+            os.rename(program, os.path.join(work, "main.py"))
+            if os.geteuid() == 0:  # the child may drop to nobody: it owns its work dir, and may pass through outer
+                os.chown(work, NOBODY, NOBODY)
+                os.chown(os.path.join(work, "main.py"), NOBODY, NOBODY)
+                os.chmod(outer, 0o711)
+            source = None
+            argv = [python, "-I", "-c", _PRELUDE, work, os.path.join(work, "main.py"), *limits, "0"]
+            extra = {"cwd": work, "env": {"PATH": "/usr/bin:/bin"}}
         out_path, err_path = os.path.join(outer, "stdout"), os.path.join(outer, "stderr")
-        argv = [_python(), "-I", "-c", _PRELUDE, work, program, str(memory_mb << 20), str(FILE_SIZE_LIMIT),
-                "1" if guard else "0"]
         # Output goes to files, not pipes: nothing to deadlock on, and RLIMIT_FSIZE bounds their size.
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(argv, cwd=work, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True,
+                                    close_fds=True, **extra)
+            if source is not None:
+                source.close()
             timed_out = False
             try:
+                proc.stdin.write(token)
+                proc.stdin.close()
+                proc.wait(timeout=timeout)
+            except BrokenPipeError:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group, whatever it started
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group; bubblewrap's sandbox dies with it
                 except (ProcessLookupError, PermissionError):
                     pass
                 proc.wait()
         seconds = time.monotonic() - start
-        stdout, stderr = _read(out_path), _read(err_path)
+        proven = _tail(out_path, len(token) + 1) == b"\n" + token
+        stdout = _read(out_path)
+        if proven and len(stdout) >= os.path.getsize(out_path):
+            stdout = stdout[:-len(token) - 1]
+        stdout, stderr = stdout.decode("utf-8", errors="replace"), _read(err_path).decode("utf-8", errors="replace")
+        returncode = None if timed_out else proc.returncode
+        status, reason = _verdict(returncode, timed_out, proven, stderr, timeout)
         if timed_out:
-            status = "timeout"
             stderr += f"\nTimeoutError: killed after {timeout:g} s"
-        elif proc.returncode == 0:
-            status = "passed"
-        elif "MemoryError" in stderr or "Cannot allocate memory" in stderr:
-            status = "memory_exceeded"
-        else:
-            status = "failed"
-        return ExecResult(status, stdout, stderr, None if timed_out else proc.returncode, seconds)
+        return ExecResult(status, stdout, stderr, returncode, seconds, reason, isolated)
     finally:
         shutil.rmtree(outer, ignore_errors=True)
 
 
-def isolation() -> dict:
-    """What the kernel-level layers give on this machine: {"netns": bool, "uid": int} as seen by a sandboxed child."""
+def probe() -> dict:
+    """What a sandboxed child sees: {"netns", "uid", "isolated"} (kernel isolation refused: SandboxUnavailable)."""
     result = execute("import sys; print(sys._nanojax_sandbox)", timeout=10)
     if not result.passed:
-        raise RuntimeError(f"sandbox probe failed: {result.stderr.strip()}")
+        raise RuntimeError(f"sandbox probe failed: {result.reason}: {result.stderr.strip()}")
     return ast.literal_eval(result.stdout.strip())

@@ -173,8 +173,8 @@ class _StopFlag:
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        if self._in_eval:
-            print0(f"\n{self.signal} received: stopping the evaluation, then saving a checkpoint")
+        if self._in_eval and jax.process_count() == 1:  # (several processes must stop at the same point: they
+            print0(f"\n{self.signal} received: stopping the evaluation, then saving a checkpoint")  # finish it)
             raise Interrupted
         print0(f"\n{self.signal} received: finishing this step, then saving a checkpoint")
 
@@ -201,7 +201,7 @@ class _StopFlag:
 
 # Flags whose change makes a resumed run differ from an uninterrupted one (mesh and device batch size do not).
 TRAJECTORY_FLAGS = ("total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac", "grad_clip",
-                    "momentum_warmup", "warmup_ratio", "warmdown_ratio", "final_lr_frac", "source", "seed")
+                    "momentum_warmup", "warmup_ratio", "warmdown_ratio", "final_lr_frac", "source", "packing", "seed")
 
 
 def _note_changes(meta: dict, cfg: TrainConfig, num_iterations: int | None):

@@ -149,9 +149,9 @@ def main(argv=None):
         raise UserError(f"--temperature {args.temperature}: must be >= 0")
     if args.top_k < 0:
         raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
-    from nanojax import checkpoint
+    from nanojax import models
 
-    model = checkpoint.load(args.source, tag=args.model_tag, step=args.step)
+    model = models.load(args.source, tag=args.model_tag, step=args.step)
     session = Session(model.engine, model.tokenizer, chat=args.source != "base", temperature=args.temperature,
                       top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
     if args.prompt is not None:

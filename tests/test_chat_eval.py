@@ -97,3 +97,26 @@ def test_cli_errors(base_dir, args, message):
     r = subprocess.run([sys.executable, "-m", "evals.chat", *args], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("isolation, allow, runs, note", [
+    ((True, "bubblewrap 0.8.0"), False, True, "sandboxed (bubblewrap 0.8.0)"),
+    ((False, "bubblewrap (bwrap) is not installed"), False, False,
+     "not run: bubblewrap (bwrap) is not installed (see --allow-unisolated-exec)"),
+    ((False, "bubblewrap (bwrap) is not installed"), True, True,
+     "run WITHOUT kernel isolation (--allow-unisolated-exec): bubblewrap (bwrap) is not installed"),
+])
+def test_humaneval_runs_only_sandboxed_unless_opted_in(monkeypatch, capsys, isolation, allow, runs, note):
+    from evals.tasks import GSM8K, HumanEval
+    from nanojax import sandbox
+    monkeypatch.setattr(sandbox, "isolation", lambda: isolation)
+    gsm, humaneval = GSM8K(), HumanEval()
+    tasks, notes = chat.sandbox_gate([gsm, humaneval], allow)
+    assert tasks == ([gsm, humaneval] if runs else [gsm]) and notes == {"HumanEval": note}
+    assert humaneval.allow_unisolated == (allow and not isolation[0])
+    out = capsys.readouterr().out
+    assert (f"HumanEval: model-written code is {note}" if runs else
+            "HumanEval not run: bubblewrap (bwrap) is not installed; install bubblewrap") in out
+    accuracies = {"GSM8K": 0.5, **({"HumanEval": 0.25} if runs else {})}
+    table = chat.results_table(accuracies, {"GSM8K": "d", "HumanEval": "d"}, notes, 8).splitlines()
+    assert table[-1] == (f"| HumanEval | 0.2500 | 8 | d; {note} |" if runs else f"| HumanEval | - | 0 | {note} |")

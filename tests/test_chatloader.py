@@ -7,7 +7,7 @@ import grain
 import numpy as np
 import pytest
 
-from nanojax.chatloader import (MidLoader, SFTLoader, buckets, collate, mid_val_batches, mixture, sft_val_batches)
+from nanojax.chatloader import (MidLoader, SFTLoader, buckets, collate, mid_val_batches, sft_val_batches)
 from tokenizer import Tokenizer
 
 WORDS = "what is the sum of two and three it is five please spell cat c a t thanks you are welcome".split()
@@ -149,16 +149,3 @@ def test_sft_val_batches(conversations, render):
     first_ids = render(conversations[0])[0]
     np.testing.assert_array_equal(batches[0][0][0, :len(first_ids) - 1], first_ids[:-1])
     assert all(i.shape[1] in (64, 128, 256) and i.shape == t.shape for i, t in batches)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Mixtures.
-
-def test_mixture_is_a_seeded_shuffle_of_the_concatenation():
-    a, b = [f"a{i}" for i in range(5)], grain.MapDataset.source([f"b{i}" for i in range(3)])
-    mixed = list(mixture([a, b, a]))
-    order = list(range(13))
-    random.Random(42).shuffle(order)
-    whole = a + [f"b{i}" for i in range(3)] + a
-    assert mixed == [whole[i] for i in order]
-    assert sorted(mixed) == sorted(whole) and mixed.count("a0") == 2  # a task listed twice: two epochs of it

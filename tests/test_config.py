@@ -60,6 +60,7 @@ def test_direct_construction_is_validated():
     ("run", "..", "--run '..': a run is a directory under runs/"),
     ("num_iterations", 0, "--num-iterations 0: must be a positive number, or -1 for off"),
     ("target_flops", -7.0, "--target-flops -7.0: must be a positive number, or -1 for off"),
+    ("packing", "greedy", "--packing 'greedy': use one of bestfit, stream"),
 ])
 def test_train_config_rejects_out_of_range_values_by_flag(field, value, message):
     with pytest.raises(UserError, match=message):

@@ -38,7 +38,8 @@ def tok(corpus):
 @pytest.fixture(scope="module")
 def docs(tok, corpus):
     """Every split's documents in order, tokenized with BOS first."""
-    return {split: [np.asarray(t, dtype=np.int32) for t in tok.encode(list(dataset.iter_documents(corpus, split)), prepend=tok.bos_id)]
+    return {split: [np.asarray(t, dtype=np.int32)
+                    for t in tok.encode(list(dataset.iter_documents(corpus, split)), prepend=tok.bos_id)]
             for split in ("train", "val")}
 
 

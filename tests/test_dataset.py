@@ -435,3 +435,65 @@ def test_cli_downloads_from_a_loopback_mirror(server, base_dir):
     assert r.returncode == 0, r.stderr
     assert "1 train + val" in r.stdout and "fetched 2, 0 were present" in r.stdout
     assert shards_on_disk() == ["shard_00000.parquet", VAL]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Faults in local sources: one line naming the file (and line, offset or row group), exit 2, nothing written.
+
+def _bad_sources(root) -> dict:
+    def folder(name, files):
+        d = root / name
+        d.mkdir()
+        for fname, content in files.items():
+            if isinstance(content, bytes):
+                (d / fname).write_bytes(content)
+            else:
+                import pyarrow.parquet as pq
+                pq.write_table(content, d / fname)
+        return d
+
+    import pyarrow as pa
+    ok = {"z.txt": b"held out"}
+    return {
+        "latin-1 txt": (folder("latin1", {"a.txt": "un caf\u00e9".encode("latin-1"), **ok}),
+                        r"latin1/a\.txt: not UTF-8 text \(byte 0xe9 at offset 6\); convert the file to UTF-8 first"),
+        "latin-1 jsonl": (folder("jsonl", {"a.jsonl": b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+                                           "b.jsonl": b'{"text": "ok"}\n'}),
+                          r"jsonl/a\.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 13 of the line\)"),
+        "numbers as text": (folder("ints", {"a.parquet": pa.table({"text": [1, 2, 3]}), **ok}),
+                            r"ints/a\.parquet: its `text` column holds int64, not strings; the documents must be text"),
+        "no text column": (folder("body", {"a.parquet": pa.table({"body": ["x"], "id": [1]}), **ok}),
+                           r"body/a\.parquet: parquet file needs a string column named `text`; its columns are body, "
+                           r"id"),
+        "empty": (folder("empty", {"a.txt": b"", "b.txt": b" \n"}), r"empty corpus: .*/empty.*has no documents"),
+        "corrupt parquet": (folder("junk", {"a.parquet": b"PAR1 not really parquet PAR1", **ok}),
+                            r"junk/a\.parquet: not a readable parquet file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["latin-1 txt", "latin-1 jsonl", "numbers as text", "no text column", "empty",
+                                  "corrupt parquet"])
+def test_bad_local_source_is_one_line_exit_2_nothing_written(tmp_path, base_dir, case):
+    import re
+    source, message = _bad_sources(tmp_path)[case]
+    before = sorted(p.name for p in source.iterdir())
+    r = run_cli("--source", str(source))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and re.search(message, r.stderr), r.stderr
+    assert r.stderr.startswith("error: ") and "\ufffd" not in r.stderr
+    assert sorted(p.name for p in source.iterdir()) == before and list(base_dir.iterdir()) == []
+    with pytest.raises(UserError, match=message):  # reading it (the tokenizer, the loader) says the same
+        list(dataset.iter_documents(str(source)))
+
+
+def test_a_damaged_row_group_names_the_file_and_group(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(2000)]}), path, compression="none",
+                   row_group_size=1000)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 4:len(data) // 4 + 2000] = b"\xff" * 2000  # inside the first row group's pages
+    path.write_bytes(bytes(data))
+    write_parquet(tmp_path / "b.parquet", ["val"])
+    with pytest.raises(UserError, match=rf"^{path}: row group 0 cannot be read \(.*\); the file is damaged"):
+        list(dataset.iter_documents(str(tmp_path)))

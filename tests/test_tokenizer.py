@@ -386,3 +386,25 @@ def test_benchmark_small(monkeypatch):
     assert all(isinstance(v, (int, float)) for v in result.values())
     assert result["train_mb_s"] > 0 and result["encode_mb_s_batched"] > 0 and result["bytes_per_token"] > 1
     assert train_cli.synthetic_corpus(10_000) == train_cli.synthetic_corpus(10_000)
+
+
+def test_retraining_over_a_tokenizer_that_checkpoints_use_needs_overwrite(corpus, tok, base_dir, monkeypatch, capsys):
+    tok.save(base_dir / "tokenizer")
+    for step in (5, 10):  # what a checkpoint keeps of its tokenizer: the fingerprint in its meta
+        meta = base_dir / "checkpoints" / "base" / "d2" / str(step) / "meta"
+        meta.mkdir(parents=True)
+        (meta / "metadata").write_text(json.dumps({"step": step, "tokenizer": tok.fingerprint()}))
+    before = {p.name: p.read_bytes() for p in (base_dir / "tokenizer").iterdir()}
+    monkeypatch.setattr(train_cli, "_iter_documents", lambda source, split, **kw: iter(corpus))
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["--vocab-size", str(VOCAB - 50)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(
+        f"error: the tokenizer in {base_dir / 'tokenizer'} (fingerprint {tok.fingerprint()}) is the one 2 "
+        f"checkpoint(s) were trained with (base/d2/5, base/d2/10); this run learned a different one (")
+    assert err.endswith("which they cannot use: nothing was written; pass --overwrite to replace it anyway\n")
+    assert {p.name: p.read_bytes() for p in (base_dir / "tokenizer").iterdir()} == before  # nothing lost
+    assert train_cli.main(["--vocab-size", str(VOCAB)]).fingerprint() == tok.fingerprint()  # the same one: fine
+    new = train_cli.main(["--vocab-size", str(VOCAB - 50), "--overwrite"])
+    assert get_tokenizer().fingerprint() == new.fingerprint() != tok.fingerprint()
+    assert "--overwrite: replacing the tokenizer of 2 checkpoint(s)" in capsys.readouterr().out

@@ -56,7 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=parse_count, default=2_000_000_000,
                    help="train on at most this many characters (default 2e9)")
     p.add_argument("--doc-cap", type=parse_count, default=10_000, help="crop each document to this many characters")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a tokenizer that checkpoints were trained with, by a different one")
     return p
+
+
+def check_replaceable(new: Tokenizer, overwrite: bool):
+    """A different tokenizer over one that checkpoints were trained with makes them unloadable: only with --overwrite.
+    Retraining to the same tokenizer (same data and flags: a rerun of speedrun.sh) is always fine."""
+    try:
+        old = Tokenizer.load(default_dir())
+    except UserError:
+        return  # none yet, or unreadable: nothing depends on it loading
+    if old.fingerprint() == new.fingerprint():
+        return
+    from nanojax.checkpoint import trained_with
+
+    users = trained_with(old.fingerprint())
+    if users and not overwrite:
+        shown = ", ".join(users[:4]) + (f" and {len(users) - 4} more" if len(users) > 4 else "")
+        raise UserError(f"the tokenizer in {default_dir()} (fingerprint {old.fingerprint()}) is the one "
+                        f"{len(users)} checkpoint(s) were trained with ({shown}); this run learned a different one "
+                        f"({new.fingerprint()}), which they cannot use: nothing was written; pass --overwrite to "
+                        f"replace it anyway")
+    if users:
+        print0(f"--overwrite: replacing the tokenizer of {len(users)} checkpoint(s); they need the old one back "
+               f"(fingerprint {old.fingerprint()}) to be loaded")
 
 
 def check_vocab_size(vocab_size: int):
@@ -83,6 +108,7 @@ def main(argv=None):
     print0(f"read {stats['docs']:,} documents, {stats['chars']:,} chars; trained in {train_time:.2f}s "
            f"({format_duration(train_time)}, {stats['chars'] / 1e6 / max(train_time, 1e-9):.1f} M chars/s)")
 
+    check_replaceable(tok, args.overwrite)
     directory = tok.save(default_dir())
     token_bytes = tok.token_bytes()
     learned = token_bytes[token_bytes > 0]

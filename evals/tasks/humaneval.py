@@ -1,5 +1,5 @@
 """HumanEval (openai/openai_humaneval): 164 Python functions to complete, checked by running their unit tests in
-nanojax.sandbox (5 s, 256 MB each)."""
+nanojax.sandbox (5 s, 256 MB each) under kernel isolation; without it, only if the caller opted in (allow_unisolated)."""
 from __future__ import annotations
 
 import re
@@ -35,6 +35,8 @@ class HumanEval(Task):
     name = "HumanEval"
     kind = "generative"
     splits = ("test",)
+    runs_untrusted_code = True  # model-written programs: evals.chat checks the sandbox first
+    allow_unisolated = False  # set by --allow-unisolated-exec
 
     def load(self) -> list[dict]:
         rows, self.source = load_with_fallback(
@@ -56,7 +58,8 @@ class HumanEval(Task):
 
     def run(self, row: dict, completion: str) -> ExecResult:
         """The sandbox's verdict with its output and error text."""
-        return execute(build_program(row, completion), timeout=TIMEOUT_S, memory_mb=MEMORY_MB)
+        return execute(build_program(row, completion), timeout=TIMEOUT_S, memory_mb=MEMORY_MB,
+                       allow_unisolated=self.allow_unisolated)
 
     def evaluate(self, row: dict, completion: str) -> bool:
         return self.run(row, completion).passed
