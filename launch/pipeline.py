@@ -148,7 +148,8 @@ def plan(d: dict, *, rl: bool = True, python: str = "python") -> list[tuple[str,
             args = ["launch.base", "--source", p.source, "--depth", p.depth, *mesh,
                     "--device-batch-size", d["device_batch_size"], "--max-seq-len", p.max_seq_len,
                     "--total-batch-size", p.total_batch_size, *(["--num-iterations", p.num_iterations]
-                                                                if p.num_iterations > 0 else []), *p.base_flags]
+                                                                if p.num_iterations > 0 else []),
+                    *(["--packing", p.packing] if p.packing != "bestfit" else []), *p.base_flags]
         else:
             args = [f"launch.{stage}", *mesh]
             if gpu and stage in d["chat_batch"]:

@@ -22,11 +22,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-# The packer keeps this fraction of the tokens it reads (BOS-aligned best fit crops the rest), by source and sequence
-# length. fineweb-edu at 2048: nanochat's LOG measures 34.6% cropped for best fit (the "data" helper measures ours on a
-# FineWeb-like fixture). demo: measured with nanojax.dataloader.PackedLoader over one pass of the demo's train split
-# (vocab 4,096; 2,692,038 tokens read with BOS): 0.421 at 256, 0.732 at 512, 0.830 at 1024, 0.906 at 2048 (its
-# documents are ~600 tokens, FineWeb's longer). Shard counts are sized from it with SHARD_MARGIN.
+# The best-fit packer keeps this fraction of the tokens it reads (BOS-aligned best fit crops the rest), by source and
+# sequence length (`--packing stream` keeps all of them). fineweb-edu at 2048: nanochat's log measures 34.6% cropped
+# for best fit, below ours on a FineWeb-like fixture (73.8% kept; docs/performance.md), so the lower figure sizes the
+# shards. demo: measured over one pass of the demo's train split (vocab 4,096; 2,692,038 tokens read with BOS): 0.421
+# at 256, 0.732 at 512, 0.830 at 1024, 0.906 at 2048 (its documents are ~600 tokens, FineWeb's longer). Shard counts
+# are sized from it with SHARD_MARGIN.
 KEPT_FRACTION = {("fineweb-edu", 2048): 0.65, ("climbmix", 2048): 0.65,
                  ("demo", 256): 0.421, ("demo", 512): 0.732, ("demo", 1024): 0.830, ("demo", 2048): 0.906}
 DEMO_TRAIN_TOKENS = 2_692_038  # the demo corpus's train split at vocab 4,096, BOS included (measured as above)
@@ -60,6 +61,7 @@ class Preset:
     target_param_data_ratio: float = 20.0  # nanochat Oct-2025: 20 tokens per parameter, all parameters
     num_iterations: int = -1  # set: overrides the ratio (the CPU demo)
     tokenizer_max_chars: int = 2_000_000_000
+    packing: str = "bestfit"  # launch.base --packing
     base_flags: tuple = ()  # extra launch.base flags
     eval_flags: tuple = ()  # evals.base
     chat_eval_flags: tuple = ()  # evals.chat
@@ -68,8 +70,10 @@ class Preset:
 
 PRESETS = {
     # The offline demo on 2 CPU cores: the embedded corpus, a depth-4 model, every stage at its CPU defaults.
+    # Stream packing: at 256 tokens a row, best fit would crop 58% of the demo's ~600-token documents and wrap into a
+    # second epoch before step 600; the stream uses every token once (1.2M of its 2.7M).
     "cpu": Preset("cpu", depth=4, vocab_size=4096, source="demo", max_seq_len=256, device_batch_size=8,
-                  total_batch_size=2048, num_iterations=600,
+                  total_batch_size=2048, num_iterations=600, packing="stream",
                   base_flags=("--eval-every", "200", "--eval-tokens", "65536", "--sample-every", "200",
                               "--warmdown-ratio", "0.4"),
                   eval_flags=("--max-per-task", "16", "--split-tokens", "65536"),
@@ -179,7 +183,7 @@ def derive(name: str, hw: Hardware) -> dict:
     else:
         iterations = int(p.target_param_data_ratio * params) // p.total_batch_size
     tokens = iterations * p.total_batch_size
-    kept = kept_fraction(p.source, p.max_seq_len)
+    kept = 1.0 if p.packing == "stream" else kept_fraction(p.source, p.max_seq_len)
     devices = mesh_size(hw.gpus, p.total_batch_size, p.max_seq_len) if hw.gpus else 1
     d = {"preset": name, "depth": p.depth, "vocab_size": p.vocab_size, "source": p.source, "max_seq_len": p.max_seq_len,
          "parameters": params, "flops_per_token": flops_per_token(p.depth, p.vocab_size, p.max_seq_len),
