@@ -9,7 +9,7 @@ import pytest
 from evals.tasks import Arithmetic, ShareGPT, SpellingBee, SyntheticMC, get_task, load_task
 from evals.tasks import gsm8k, mmlu
 from evals.tasks.identity import BUILTIN_SIZE
-from evals.tasks.mixtures import DEMO, FULL, TaskMixture, TaskSequence, build_mixture
+from evals.tasks.mixtures import DEMO, FULL, SHORT_CHATS, TaskMixture, TaskSequence, build_mixture
 from nanojax.common import UserError
 from test_tasks import publish
 
@@ -48,7 +48,7 @@ def test_sequence_and_mixture_of_tasks(offline):
 
 
 def test_demo_mixtures_offline(offline, capsys):
-    sharegpt_short = len(ShareGPT("train", max_chars=1200))
+    sharegpt_short = len(ShareGPT("train", **SHORT_CHATS))
     mid = build_mixture("mid-train", scale="demo")
     rows = {d["task"]: d["rows"] for d in mid.describe()}
     assert [d["task"] for d in mid.describe()] == ["ShareGPT", "SyntheticMC", "Arithmetic", "identity", "identity",
@@ -83,7 +83,7 @@ def test_demo_mixtures_offline(offline, capsys):
     assert [(d["task"], d["split"], d["substitute_for"]) for d in val.describe()] == [
         ("ShareGPT", "test", "SmolTalk test"), ("SyntheticMC", "test", "MMLU test"),
         ("Arithmetic", "test", "GSM8K test")]
-    assert len(build_mixture("sft-val", scale="demo")) == len(ShareGPT("test", max_chars=1200))
+    assert len(build_mixture("sft-val", scale="demo")) == len(ShareGPT("test", **SHORT_CHATS))
 
 
 def test_full_mixtures_have_nanochats_rows_offline(offline):
