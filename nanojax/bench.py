@@ -158,7 +158,7 @@ def bench_tokenizer(args) -> dict:
 
 
 def bench_decode(args) -> dict:
-    from nanojax.engine import benchmark_decode
+    from nanojax.bench_decode import benchmark_decode
     return {"bench": "decode", **_device_label(),
             **benchmark_decode(depth=args.depth, vocab_size=args.vocab_size, batch=args.batch,
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=_dtype(args.dtype),
