@@ -272,13 +272,8 @@ class Engine:
                 raise UserError(f"token ids must be integers in [0, {V}); got {bad[:5]}")
         return [[int(t) for t in p] for p in prompts]
 
-    def generate(self, prompt_ids, *, num_samples: int = 1, max_tokens: int | None = 256, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 42, stop_tokens=None,
-                 tools: bool = True):
-        """Yield (token_column, mask_column) per step, one entry per row (rows that are done keep appearing with
-        filler tokens until every row is done, as nanochat's engine does). stop_tokens: ids that end a row (default
-        <|assistant_end|> and <|bos|>); tools: run the calculator on <|python_start|>..<|python_end|>."""
-        prompts = self._prompts(prompt_ids)
+    def _check_sampling(self, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        """A UserError naming the first bad setting of a request."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
@@ -291,6 +286,15 @@ class Engine:
             raise UserError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise UserError(f"seed must be an integer, got {seed!r}")
+
+    def generate(self, prompt_ids, *, num_samples: int = 1, max_tokens: int | None = 256, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 42, stop_tokens=None,
+                 tools: bool = True):
+        """Yield (token_column, mask_column) per step, one entry per row (rows that are done keep appearing with
+        filler tokens until every row is done, as nanochat's engine does). stop_tokens: ids that end a row (default
+        <|assistant_end|> and <|bos|>); tools: run the calculator on <|python_start|>..<|python_end|>."""
+        prompts = self._prompts(prompt_ids)
+        self._check_sampling(num_samples, max_tokens, temperature, top_k, top_p, seed)
         stops = self.default_stops if stop_tokens is None else [int(t) for t in stop_tokens]
         if len(stops) > STOP_SLOTS:
             raise UserError(f"at most {STOP_SLOTS} stop tokens, got {len(stops)}")

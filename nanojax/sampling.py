@@ -99,3 +99,48 @@ def sample(logits_BV, u_B, knobs: dict, cap: int | None):
         return jax.lax.cond(top_p < 1, sorted_nucleus, lambda x: inverse_cdf(jax.nn.softmax(x, axis=-1)), logits)
 
     return jax.lax.cond(temperature == 0, first_argmax, draw, logits_BV.astype(jnp.float32)).astype(jnp.int32)
+
+
+def row_uniforms(seeds_B, steps_BT):
+    """(B, T) uniform draws for rows that are different requests: row b at step s draws from
+    fold_in(fold_in(key(seed_b), s), 0), the draw `uniforms` gives a one-row request of that seed, so a request served
+    among others samples what it would alone."""
+    one = lambda seed, s: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), s), 0))  # noqa
+    return jax.vmap(lambda seed, steps: jax.vmap(lambda s: one(seed, s))(steps))(seeds_B, steps_BT)
+
+
+def sample_rows(logits_BV, u_B, temperature_B, top_k_B, top_p_B, cap: int | None):
+    """`sample` with the knobs given per row (a batch of different requests): temperature 0 is greedy, top_k 0 is off
+    (the whole vocabulary), top_p 1 is off. `cap` (static) bounds the batch's top_k (top_k_cap of its largest); the
+    whole-vocabulary path runs only when some sampling row has top_k 0."""
+    logits = logits_BV.astype(jnp.float32)
+    x = logits / jnp.maximum(temperature_B, 1e-6)[:, None]
+    sampling = temperature_B > 0
+
+    def inverse_cdf(probs_BN):
+        cdf = jnp.cumsum(probs_BN, axis=-1)
+        u = jnp.maximum(u_B * cdf[:, -1], jnp.finfo(jnp.float32).tiny)
+        return jnp.minimum(jnp.sum(cdf < u[:, None], axis=-1), cdf.shape[-1] - 1)
+
+    def nucleus(probs_BN):
+        kept = jnp.where(jnp.cumsum(probs_BN, axis=-1) - probs_BN < top_p_B[:, None], probs_BN, 0.0)
+        return jnp.where(top_p_B[:, None] < 1, kept, probs_BN)
+
+    def whole_vocabulary(x):
+        def sorted_nucleus(x):
+            values, index = jax.lax.top_k(x, x.shape[-1])
+            return jnp.take_along_axis(index, inverse_cdf(nucleus(jax.nn.softmax(values, axis=-1)))[:, None], 1)[:, 0]
+        plain = inverse_cdf(jax.nn.softmax(x, axis=-1))
+        return jax.lax.cond(jnp.any(sampling & (top_k_B == 0) & (top_p_B < 1)),
+                            lambda x: jnp.where(top_p_B < 1, sorted_nucleus(x), plain), lambda x: plain, x)
+
+    if cap is None:
+        sampled = whole_vocabulary(x)
+    else:
+        values, index = top_k_by_columns(x, cap)
+        probs = nucleus(jax.nn.softmax(jnp.where(jnp.arange(cap) < top_k_B[:, None], values, -jnp.inf), axis=-1))
+        top = jnp.take_along_axis(index, inverse_cdf(probs)[:, None], axis=-1)[:, 0]
+        rest = jax.lax.cond(jnp.any(sampling & (top_k_B == 0)), whole_vocabulary, lambda x: top, x)
+        sampled = jnp.where(top_k_B > 0, top, rest)
+    greedy = jax.lax.cond(jnp.any(~sampling), first_argmax, lambda x: jnp.zeros(x.shape[:1], jnp.int32), logits)
+    return jnp.where(sampling, sampled, greedy).astype(jnp.int32)
