@@ -108,10 +108,22 @@ async def _load(url: str, model: str, clients: int, new_tokens: int, sequential:
                     "tok_per_s": round(tokens / (end - t0), 1),
                     "ttft_ms_median": round(1e3 * float(np.median([r["first"] - r["start"] for r in results])), 1)}
 
-        await concurrent(clients, 0)  # warm-up: compiles every batch and cache bucket this load meets
+        compilations = lambda: client.get(url + "/stats")  # noqa: E731
+
+        async def warm(run):  # until a round compiles nothing new (every bucket and join pattern this load meets)
+            for rounds in range(1, 5):
+                before = (await compilations()).json()["engine"]["compilations"]
+                await run()
+                if (await compilations()).json()["engine"]["compilations"] == before:
+                    return rounds
+            return rounds
+
+        out["warmup_rounds"] = [await warm(lambda: concurrent(clients, 0))]
+        before = (await compilations()).json()["engine"]["compilations"]
         out["concurrent"] = await concurrent(clients, 1000)
-        await _stream(client, url, body(new_tokens, 5))  # warm-up at batch 1
+        out["warmup_rounds"].append(await warm(lambda: _stream(client, url, body(new_tokens, 5))))
         alone = await _stream(client, url, body(new_tokens, 7))
+        out["compilations_while_timed"] = (await compilations()).json()["engine"]["compilations"] - before
         out["alone"] = {"tokens": alone["tokens"], "ttft_ms": round(1e3 * (alone["first"] - alone["start"]), 1),
                         "tok_per_s": round((alone["tokens"] - 1) / (alone["last"] - alone["first"]), 1)}
 
