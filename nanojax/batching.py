@@ -107,7 +107,8 @@ class Slots:
                                    **({"compiler_options": options} if options else {}))
         self._prefill_jit = jax.jit(self._prefill, static_argnames=("cache_len", "cap"))
         self._insert_jit = jax.jit(self._insert, donate_argnums=(0,))
-        self._relayout_jit = jax.jit(self._relayout, static_argnames=("length",))
+        self._gather_jit = jax.jit(self._gather)
+        self._move_jit = jax.jit(self._move, static_argnames=("length",))
         self._empty_jit = jax.jit(self._empty, static_argnames=("rows", "length"))
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -360,12 +361,15 @@ class Slots:
             state, pos = self._empty_jit(rows=B, length=needed, pos=np.int32(longest)), longest
             rows: list[Request | None] = [None] * B
         elif B != B_old or longest != pos or needed > state.cache.k[0].shape[1]:
-            order = live + [B_old] * (B - len(live))  # running rows to the front; B_old: an empty row
             shift = longest - pos
-            state = self._relayout_jit(state, np.array(order, np.int32), np.int32(shift), length=needed)
-            rows = [self._rows[i] for i in live] + [None] * (B - len(live))
-            for r in rows[:len(live)]:
-                r.start += shift
+            if B != B_old:  # running rows to the front; B_old: an empty row
+                state = self._gather_jit(state, np.array(live + [B_old] * (B - len(live)), np.int32))
+            if shift or needed != state.cache.k[0].shape[1]:
+                state = self._move_jit(state, np.int32(shift), length=needed)
+            rows = [self._rows[i] for i in live] + [None] * (B - len(live)) if B != B_old else list(self._rows)
+            for r in rows:
+                if r is not None:
+                    r.start += shift
             pos = longest
         else:
             rows = list(self._rows)
@@ -416,28 +420,36 @@ class Slots:
                          top_p=jnp.ones((rows,), jnp.float32), forced=jnp.zeros((rows, FORCED_SLOTS), jnp.int32),
                          forced_len=z, forced_pos=z, more=jnp.zeros((rows,), bool), host=jnp.bool_(False))
 
-    def _relayout(self, state: SlotState, order_B, shift, *, length: int) -> SlotState:
-        """Rows gathered by `order_B` (an index past the old batch: an empty row), every sequence moved `shift`
-        positions along a cache of `length`. What wraps around is padding: nothing runs past pos or before a start."""
+    def _gather(self, state: SlotState, order_B) -> SlotState:
+        """Rows gathered by `order_B` into a batch of its length (an index past the old batch: an empty row, done).
+        Separate from _move, so that each compiles per (old rows, new rows, cache) or (rows, old, new cache)."""
         self.compilations += 1
         B_old, KV = state.token.shape[0], self.cfg.n_kv_head
         empty = order_B >= B_old
-        rows_R = (jnp.minimum(order_B, B_old - 1)[:, None] * KV + jnp.arange(KV)[None, :]).reshape(-1)
+        index = jnp.minimum(order_B, B_old - 1)
+        rows_R = (index[:, None] * KV + jnp.arange(KV)[None, :]).reshape(-1)
+        cache = state.cache
+        cache = gpt.DecodeCache(k=tuple(x[rows_R] for x in cache.k), v=tuple(x[rows_R] for x in cache.v),
+                                pos=cache.pos, start=jnp.where(empty, cache.pos, cache.start[index]))
+        fields = {f: getattr(state, f)[index] for f in ("token", "step", "limit", "seed", "temperature", "top_k",
+                                                       "top_p", "forced", "forced_len", "forced_pos", "more")}
+        return SlotState(cache=self.engine._constrain_cache(cache), done=state.done[index] | empty,
+                         host=jnp.bool_(False), **fields)
+
+    def _move(self, state: SlotState, shift, *, length: int) -> SlotState:
+        """Every sequence moved `shift` positions along a cache of `length`. What wraps around is padding: nothing
+        runs past pos or before a start (RoPE follows each row's own positions, so moving changes no result)."""
+        self.compilations += 1
         size = max(length, state.cache.k[0].shape[1])
 
         def move(x):
-            x = x[rows_R]
             x = jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0)))
             return jnp.roll(x, shift, axis=1)[:, :length]
 
-        take = lambda x: x[jnp.minimum(order_B, B_old - 1)]  # noqa: E731
-        pos = state.cache.pos + shift
-        cache = gpt.DecodeCache(k=tuple(map(move, state.cache.k)), v=tuple(map(move, state.cache.v)), pos=pos,
-                                start=jnp.where(empty, pos, take(state.cache.start) + shift))
-        fields = {f: take(getattr(state, f)) for f in ("token", "step", "limit", "seed", "temperature", "top_k",
-                                                      "top_p", "forced", "forced_len", "forced_pos", "more")}
-        return SlotState(cache=self.engine._constrain_cache(cache), done=take(state.done) | empty,
-                         host=jnp.bool_(False), **fields)
+        cache = state.cache
+        cache = cache.replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)), pos=cache.pos + shift,
+                              start=cache.start + shift)
+        return state.replace(cache=self.engine._constrain_cache(cache))
 
     def _prefill(self, params, prompts_PL, start_P, pos, knobs, *, cache_len: int, cap):
         """The joiners' prompts (right-aligned in a bucket) through the model: each row's cache placed to end at

@@ -111,7 +111,7 @@ async def _load(url: str, model: str, clients: int, new_tokens: int, sequential:
         compilations = lambda: client.get(url + "/stats")  # noqa: E731
 
         async def warm(run):  # until a round compiles nothing new (every bucket and join pattern this load meets)
-            for rounds in range(1, 5):
+            for rounds in range(1, 9):
                 before = (await compilations()).json()["engine"]["compilations"]
                 await run()
                 if (await compilations()).json()["engine"]["compilations"] == before:
@@ -200,4 +200,5 @@ def benchmark_serve(depth: int = 4, vocab_size: int = 8192, max_seq_len: int = 2
             "decode_1_tok_per_s": decode[1]["decode_tok_per_s"],
             "concurrent_vs_decode": round(out["concurrent"]["tok_per_s"] / decode[clients]["decode_tok_per_s"], 3),
             "alone_vs_decode_1": round(out["alone"]["tok_per_s"] / decode[1]["decode_tok_per_s"], 3),
-            "server_compilations": stats["engine"]["compilations"], "batch_occupancy": stats["engine"]["batch_occupancy"]}
+            "server_compilations": stats["engine"]["compilations"],
+            "batch_occupancy": stats["engine"]["batch_occupancy"]}

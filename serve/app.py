@@ -212,6 +212,9 @@ class ChatServer:
             if not ended and reason is None:  # the client went away, or the server stops
                 self.http["disconnected"] += 1
                 self.slots.cancel(req)
+            # One line per request, without the conversation's text (nanochat printed it; a public server should not).
+            log.info("request %d: %d prompt tokens, %d generated, %s, %.2f s", req.id, len(ids), req.generated,
+                     reason if ended else "disconnected", time.monotonic() - req.submitted)
 
     # -- handlers --------------------------------------------------------------------------------------------------
 

@@ -156,12 +156,13 @@ def main(argv=None):
     binary = find_chromium()
     if binary is None:
         raise SystemExit("no chromium found (apt-get install chromium)")
-    with Browser(binary, width=900, height=640) as page:
+    with Browser(binary, width=900, height=560) as page:
         page.open(url)
         for i, message in enumerate(messages, 1):
             page.type_and_send(message)
             page.wait(f"document.querySelectorAll('.assistant').length === {i} && "
                       f"!document.body.classList.contains('generating')", timeout=300)
+        page.eval("document.querySelector('#scroller').scrollTop = 0")  # the conversation from its start
         page.screenshot(out)
     print(out)
 

@@ -2,9 +2,9 @@
 `openai` client, the command line, and the page in a headless chromium (skipped, with the reason printed, when there
 is none). The model is scripted (tests/test_engine.py's ScriptedEngine): whatever the conversation, the reply is
 "Hi✓😀" then dots until max_tokens, one token per UTF-8 byte, so multi-byte characters are split across tokens."""
+import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -70,7 +70,8 @@ def test_openai_non_streaming_and_streaming(client):
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi✓😀."}
     assert body["choices"][0]["finish_reason"] == "length"
     prompt_tokens = body["usage"]["prompt_tokens"]
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 10, "total_tokens": prompt_tokens + 10}
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 10,
+                             "total_tokens": prompt_tokens + 10}
     r = client.post("/v1/chat/completions", json=chat(max_completion_tokens=6, stream=True, stop=["✓"],
                                                         stream_options={"include_usage": True}))
     got = events(r.text)
@@ -128,7 +129,8 @@ BAD = [
     (chat(max_tokens="9"), "max_tokens"), (chat(top_p=0), "top_p"), (chat(seed=1.5), "seed"),
     ([1, 2], "body"),
 ]
-BAD_OPENAI = [(chat(stop=[1]), "stop"), (chat(stop=["a"] * 5), "stop"), (chat(n=2), "n"), (chat(stream="yes"), "stream"),
+BAD_OPENAI = [(chat(stop=[1]), "stop"), (chat(stop=["a"] * 5), "stop"), (chat(n=2), "n"),
+              (chat(stream="yes"), "stream"),
               (chat(max_completion_tokens=5000), "max_completion_tokens"), (chat(logprobs=True), "logprobs"),
               (chat(presence_penalty=0.5), "presence_penalty")]
 
@@ -164,9 +166,9 @@ def test_body_size_is_checked_before_reading_it(server):
 
     async def send(message):
         messages.append(message)
-    import asyncio
-    scope = {"type": "http", "method": "POST", "path": "/chat/completions", "headers": [(b"content-length", b"99999999")],
-             "query_string": b"", "root_path": "", "scheme": "http", "server": ("127.0.0.1", 1), "http_version": "1.1"}
+    scope = {"type": "http", "method": "POST", "path": "/chat/completions",
+             "headers": [(b"content-length", b"99999999")], "query_string": b"", "root_path": "", "scheme": "http",
+             "server": ("127.0.0.1", 1), "http_version": "1.1"}
     asyncio.run(app(scope, receive, send))
     assert messages[0]["status"] == 413 and sent == []
     messages.clear()
@@ -239,9 +241,15 @@ def test_the_openai_client_streams_and_does_not(live):
         c.chat.completions.create(model="nanojax-test", messages=[{"role": "user", "content": "hi"}], temperature=3)
 
 
-def test_clients_that_disconnect_free_their_slots(live, server):
+def test_clients_that_disconnect_free_their_slots(live, server, monkeypatch):
     import httpx
 
+    deliver = server.slots._deliver
+
+    def slowly(*args):  # a device call every 0.2 s: the replies (at most ~110 tokens here) outlast the hang-ups
+        time.sleep(0.2)
+        return deliver(*args)
+    monkeypatch.setattr(server.slots, "_deliver", slowly)
     before = server.slots.stats()["finished"].get("cancelled", 0)
     for _ in range(3):
         with httpx.stream("POST", live + "/chat/completions", json=chat(max_tokens=4000), timeout=60) as r:
