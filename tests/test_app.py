@@ -264,7 +264,6 @@ def test_clients_that_disconnect_free_their_slots(live, server, monkeypatch):
     assert stats["engine"]["free_slots"] == 4 and stats["active_streams"] == 0 and stats["http"]["disconnected"] >= 3
 
 
-@pytest.mark.slow
 def test_the_page_in_headless_chromium(live, tmp_path):
     """Load /, send a message, see the streamed reply, edit the message, regenerate the reply, save a screenshot."""
     from cdp import Browser, find_chromium

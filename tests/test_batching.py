@@ -71,6 +71,7 @@ def test_cancelled_requests_free_their_rows_and_others_go_on(engines):
     assert waiting.finish_reason == "cancelled" and slots.stats()["waiting"] == 0
 
 
+@pytest.mark.slow  # warms four batch and top-k combinations first
 def test_no_recompilation_per_request_and_a_bounded_queue(engines):
     engine = engines["gqa"]
     slots = Slots(engine, max_batch=2, max_queue=3, stop_tokens=[])
