@@ -27,6 +27,7 @@ How it runs (the engine's layout, nanojax.engine, with rows that are different r
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import threading
 import time
@@ -40,6 +41,29 @@ from nanojax import gpt
 from nanojax.common import UserError
 from nanojax.engine import FORCED_SLOTS, STOP_SLOTS, Engine, _Row, bucket, cache_bucket, decode_compiler_options
 from nanojax.sampling import row_uniforms, sample_rows, top_k_cap
+
+
+# The cache edits of a turn, one small program per array shape (shared by every layer's k and v): cheap to compile,
+# where a program over the whole state compiled per combination of row, cache and prompt buckets (seconds each).
+
+@jax.jit
+def _take_rows(x, index):
+    return x[index]
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _shift_rows(x_RSH, shift, *, length: int):
+    """Each row moved `shift` positions along a cache of `length`; what wraps around is padding."""
+    size = max(length, x_RSH.shape[1])
+    return jnp.roll(jnp.pad(x_RSH, ((0, 0), (0, size - x_RSH.shape[1]), (0, 0))), shift, axis=1)[:, :length]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put_rows(x_RSH, new_RLH, rows_R, pos):
+    """New rows' windows [0, L) written at [pos - L, pos) of rows `rows_R` (an index past the batch: dropped)."""
+    S, L = x_RSH.shape[1], new_RLH.shape[1]
+    placed = jax.lax.dynamic_slice_in_dim(jnp.pad(new_RLH, ((0, 0), (S, S), (0, 0))), S + L - pos, S, axis=1)
+    return x_RSH.at[rows_R].set(placed.astype(x_RSH.dtype), mode="drop")
 
 
 class QueueFull(Exception):
@@ -105,11 +129,7 @@ class Slots:
         options = decode_compiler_options(platform)
         self._decode_jit = jax.jit(self._decode, static_argnames=("cap",), donate_argnums=(1,),
                                    **({"compiler_options": options} if options else {}))
-        self._prefill_jit = jax.jit(self._prefill, static_argnames=("cache_len", "cap"))
-        self._insert_jit = jax.jit(self._insert, donate_argnums=(0,))
-        self._gather_jit = jax.jit(self._gather)
-        self._move_jit = jax.jit(self._move, static_argnames=("length",))
-        self._empty_jit = jax.jit(self._empty, static_argnames=("rows", "length"))
+        self._prefill_jit = jax.jit(self._prefill, static_argnames=("cap",))
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request | None] = []  # the device batch's rows; None: free
@@ -180,7 +200,8 @@ class Slots:
                     "tokens": self.counts["tokens"], "tokens_per_s": round(tokens / span, 1) if span else 0.0,
                     "batch_occupancy": round(self._occupancy[0] / self._occupancy[1], 3) if self._occupancy[1]
                     else 0.0, "decode_calls": self.counts["calls"], "turns": self.counts["turns"],
-                    "compilations": self.compilations + self.engine.compilations}
+                    "compilations": self.compilations + self.engine.compilations
+                    + sum(f._cache_size() for f in (_take_rows, _shift_rows, _put_rows))}
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -358,14 +379,14 @@ class Slots:
         B_old = len(self._rows)
         B = B_old if B_old // 2 < count <= B_old else 1 << (count - 1).bit_length()
         if state is None or not live:
-            state, pos = self._empty_jit(rows=B, length=needed, pos=np.int32(longest)), longest
+            state, pos = self._empty(np.int32(longest), rows=B, length=needed), longest
             rows: list[Request | None] = [None] * B
         elif B != B_old or longest != pos or needed > state.cache.k[0].shape[1]:
             shift = longest - pos
             if B != B_old:  # running rows to the front; B_old: an empty row
-                state = self._gather_jit(state, np.array(live + [B_old] * (B - len(live)), np.int32))
+                state = self._gather(state, np.array(live + [B_old] * (B - len(live)), np.int32))
             if shift or needed != state.cache.k[0].shape[1]:
-                state = self._move_jit(state, np.int32(shift), length=needed)
+                state = self._move(state, np.int32(shift), length=needed)
             rows = [self._rows[i] for i in live] + [None] * (B - len(live)) if B != B_old else list(self._rows)
             for r in rows:
                 if r is not None:
@@ -384,7 +405,7 @@ class Slots:
         return state, pos
 
     def _admit(self, state: SlotState, pos: int, joiners: list[Request], rows: list[int]) -> SlotState:
-        S_max, S = self.cfg.max_seq_len, state.cache.k[0].shape[1]
+        S_max = self.cfg.max_seq_len
         L = bucket(max(len(r.prompt) for r in joiners), S_max)
         P = 1 << (len(joiners) - 1).bit_length()
         prompts = np.zeros((P, L), np.int32)
@@ -399,8 +420,8 @@ class Slots:
                      top_p=pad([r.top_p for r in joiners], 1.0, np.float32),
                      limit=pad([r.limit for r in joiners], 1, np.int32))
         cap = top_k_cap(max(r.top_k for r in joiners), self.cfg.vocab_size)
-        k, v, first = self._prefill_jit(self.engine.params, prompts, start, np.int32(pos), knobs, cache_len=S, cap=cap)
-        state = self._insert_jit(state, k, v, first, pad(rows, len(self._rows), np.int32),
+        k, v, first = self._prefill_jit(self.engine.params, prompts, start, knobs, cap=cap)
+        state = self._insert(state, k, v, np.int32(pos), first, pad(rows, len(self._rows), np.int32),
                                  pad([pos - len(r.prompt) for r in joiners], pos, np.int32), knobs, self.stops)
         column = [0] * len(self._rows)
         for i, token in zip(rows, np.asarray(first)[:len(joiners)].tolist()):
@@ -410,8 +431,9 @@ class Slots:
 
     # -- the jitted functions ----------------------------------------------------------------------------------------
 
+    # -- the state edits of a turn (eager, over the small jitted programs above) and the jitted prefill and decode --
+
     def _empty(self, pos, *, rows: int, length: int) -> SlotState:
-        self.compilations += 1
         cache = gpt.init_decode_cache(self.cfg, rows, length, self.engine.dtype)
         cache = self.engine._constrain_cache(cache.replace(pos=pos, start=jnp.full((rows,), pos, jnp.int32)))
         z = jnp.zeros((rows,), jnp.int32)
@@ -421,58 +443,46 @@ class Slots:
                          forced_len=z, forced_pos=z, more=jnp.zeros((rows,), bool), host=jnp.bool_(False))
 
     def _gather(self, state: SlotState, order_B) -> SlotState:
-        """Rows gathered by `order_B` into a batch of its length (an index past the old batch: an empty row, done).
-        Separate from _move, so that each compiles per (old rows, new rows, cache) or (rows, old, new cache)."""
-        self.compilations += 1
+        """Rows gathered by `order_B` into a batch of its length (an index past the old batch: an empty row, done)."""
         B_old, KV = state.token.shape[0], self.cfg.n_kv_head
         empty = order_B >= B_old
         index = jnp.minimum(order_B, B_old - 1)
         rows_R = (index[:, None] * KV + jnp.arange(KV)[None, :]).reshape(-1)
         cache = state.cache
-        cache = gpt.DecodeCache(k=tuple(x[rows_R] for x in cache.k), v=tuple(x[rows_R] for x in cache.v),
-                                pos=cache.pos, start=jnp.where(empty, cache.pos, cache.start[index]))
-        fields = {f: getattr(state, f)[index] for f in ("token", "step", "limit", "seed", "temperature", "top_k",
+        cache = gpt.DecodeCache(k=tuple(_take_rows(x, rows_R) for x in cache.k),
+                                v=tuple(_take_rows(x, rows_R) for x in cache.v),
+                                pos=cache.pos, start=jnp.where(empty, cache.pos, _take_rows(cache.start, index)))
+        fields = {f: _take_rows(getattr(state, f), index) for f in ("token", "step", "limit", "seed", "temperature", "top_k",
                                                        "top_p", "forced", "forced_len", "forced_pos", "more")}
-        return SlotState(cache=self.engine._constrain_cache(cache), done=state.done[index] | empty,
+        return SlotState(cache=self.engine._constrain_cache(cache), done=_take_rows(state.done, index) | empty,
                          host=jnp.bool_(False), **fields)
 
     def _move(self, state: SlotState, shift, *, length: int) -> SlotState:
         """Every sequence moved `shift` positions along a cache of `length`. What wraps around is padding: nothing
         runs past pos or before a start (RoPE follows each row's own positions, so moving changes no result)."""
-        self.compilations += 1
-        size = max(length, state.cache.k[0].shape[1])
-
-        def move(x):
-            x = jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0)))
-            return jnp.roll(x, shift, axis=1)[:, :length]
-
+        move = functools.partial(_shift_rows, shift=shift, length=length)
         cache = state.cache
         cache = cache.replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)), pos=cache.pos + shift,
                               start=cache.start + shift)
         return state.replace(cache=self.engine._constrain_cache(cache))
 
-    def _prefill(self, params, prompts_PL, start_P, pos, knobs, *, cache_len: int, cap):
-        """The joiners' prompts (right-aligned in a bucket) through the model: each row's cache placed to end at
-        `pos` of a `cache_len` row, and its first token sampled (step 0 of its seed, as engine.generate would)."""
+    def _prefill(self, params, prompts_PL, start_P, knobs, *, cap):
+        """The joiners' prompts (right-aligned in a bucket) through the model: their caches (P * KV, L, hd) and
+        first tokens (sampled at step 0 of each seed, as engine.generate would)."""
         self.compilations += 1
         P, L = prompts_PL.shape
         cache = gpt.init_decode_cache(self.cfg, P, L, self.engine.dtype).replace(start=start_P)
         logits, cache = self.engine._forward(params, prompts_PL, cache, last=L - 1)
-        S = cache_len
-
-        def place(x):  # window [0, L) -> [pos - L, pos) of a length-S row, via a zero-padded copy
-            return jax.lax.dynamic_slice_in_dim(jnp.pad(x, ((0, 0), (S, S), (0, 0))), S + L - pos, S, axis=1)
-
         u = row_uniforms(knobs["seed"], jnp.zeros((P, 1), jnp.int32))[:, 0]
         first = sample_rows(logits[:, 0], u, knobs["temperature"], knobs["top_k"], knobs["top_p"], cap)
-        return tuple(map(place, cache.k)), tuple(map(place, cache.v)), first
+        return cache.k, cache.v, first
 
-    def _insert(self, state: SlotState, k, v, first_P, rows_P, start_P, knobs, stops) -> SlotState:
-        """Write the joiners' rows (row index past the batch: a padding joiner, dropped)."""
-        self.compilations += 1
+    def _insert(self, state: SlotState, k, v, pos, first_P, rows_P, start_P, knobs, stops) -> SlotState:
+        """Write the joiners' rows, their prompts ending at `pos` (row index past the batch: a padding joiner,
+        dropped)."""
         KV = self.cfg.n_kv_head
-        rows_R = (rows_P[:, None] * KV + jnp.arange(KV)[None, :]).reshape(-1)
-        put = lambda x, new: x.at[rows_R].set(new.astype(x.dtype), mode="drop")  # noqa: E731
+        rows_R = (rows_P[:, None] * KV + np.arange(KV)[None, :]).reshape(-1)
+        put = lambda x, new: _put_rows(x, new, rows_R, pos)  # noqa: E731
         at = lambda x, new: x.at[rows_P].set(new, mode="drop")  # noqa: E731
         P = rows_P.shape[0]
         zeros = jnp.zeros((P,), jnp.int32)
