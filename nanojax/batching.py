@@ -21,7 +21,9 @@ How it runs (the engine's layout, nanojax.engine, with rows that are different r
     up to a cache bucket) or right when a joining prompt is longer than `pos`; joiners are prefilled together
     (right-aligned in a prompt bucket), their first tokens sampled, and their rows written in.
   - Shapes come in buckets: rows a power of two up to max_batch, prompts and caches as in the engine, top-k size a
-    power of two; each jitted function compiles once per bucket, never per request (`compilations` counts traces).
+    power of two. The decode loop compiles once per (rows, cache, top-k) bucket and the prefill once per (joiners,
+    prompt, top-k) bucket, never per request; a turn's cache edits are small programs per array shape, shared by
+    every layer (`stats()["compilations"]` counts them all).
   - Past max_queue waiting requests, submit raises QueueFull (the server answers 429).
 """
 from __future__ import annotations
