@@ -5,6 +5,7 @@
     python -m nanojax.bench decode --depth 4 --batch 1 --prompt-len 32 --new-tokens 256
     python -m nanojax.bench data        # dataloader tokens/s on the demo corpus (Grain threads, kept fraction)
     python -m nanojax.bench tokenizer   # BPE training and encoding MB/s
+    python -m nanojax.bench serve       # the chat server on loopback: 32 streaming clients vs decode --batch 32, ...
 
 Every figure is labelled with the backend and device it was measured on: a CPU number is not a GPU number.
 """
@@ -203,11 +204,19 @@ def bench_tokenizer(args) -> dict:
 
 
 def bench_decode(args) -> dict:
-    from nanojax.engine import benchmark_decode
+    from nanojax.bench_decode import benchmark_decode
     return {"bench": "decode", **_device_label(),
             **benchmark_decode(depth=args.depth, vocab_size=args.vocab_size, batch=args.batch,
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=_dtype(args.dtype),
                                repeats=args.repeats, n_kv_head=args.n_kv_head, max_seq_len=args.max_seq_len)}
+
+
+def bench_serve(args) -> dict:
+    from nanojax.bench_serve import benchmark_serve
+    return {"bench": "serve", **_device_label(),
+            **benchmark_serve(depth=args.depth, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
+                              clients=args.clients, new_tokens=args.new_tokens, sequential=args.requests,
+                              disconnects=args.disconnects, dtype=_dtype(args.dtype))}
 
 
 def main(argv=None):
@@ -240,6 +249,15 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the best one counts")
+    p = sub.add_parser("serve", help="the chat server on loopback under load, against decode in the same run")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (and decode's batch)")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--requests", type=int, default=500, help="sequential requests for the memory figure")
+    p.add_argument("--disconnects", type=int, default=10, help="clients that hang up mid-stream")
     p = sub.add_parser("data", help="dataloader tokens/s")
     p.add_argument("--source", default="demo", help="data source, as launch.base")
     p.add_argument("--rows", type=int, default=32, help="rows per batch")
@@ -261,7 +279,7 @@ def main(argv=None):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
     numbers = ("depth", "vocab_size", "n_kv_head", "max_seq_len", "device_batch_size", "steps", "batch", "prompt_len",
-               "new_tokens", "repeats", "rows", "seconds", "text_mb")
+               "new_tokens", "repeats", "rows", "seconds", "text_mb", "clients", "requests", "disconnects")
     cli(check_args)(args, positive=[n for n in numbers if hasattr(args, n)])
     result = cli(globals()[f"bench_{args.command}"])(args)
     print(json.dumps(result))

@@ -37,9 +37,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import math
-import statistics
-import time
 
 import flax.struct
 import jax
@@ -47,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanojax import gpt
-from nanojax.common import UserError, compute_dtype, peak_bandwidth
+from nanojax.common import UserError, compute_dtype
 from nanojax.config import GPTConfig
+from nanojax.sampling import sample, top_k_cap, uniforms
 from nanojax.sandbox import calculator
 
 MIN_BUCKET = 16      # smallest prompt length bucket
@@ -92,103 +90,6 @@ def decode_compiler_options(platform: str) -> dict:
             continue
         known[name] = value
     return known
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Sampling: a pure function, jitted inside the prefill and the decode loop.
-
-def top_k_cap(top_k: int | None, vocab_size: int) -> int | None:
-    """The static part of the sampling settings: top-k runs lax.top_k over a power of two of candidates >= top_k
-    (top_k itself is traced), so top_k 40 and 50 share a program; None when top-k is off."""
-    return None if not top_k else min(vocab_size, 1 << (top_k - 1).bit_length())
-
-
-def _max_and_first_index(x, axis: int):
-    """The max along `axis` and the first index holding it, as a max and a min: XLA:CPU runs argmax as a variadic
-    reduce, ~5x slower at a vocabulary of 8,192 (45 us of a 330 us batch-1 decode step). No index holds a NaN max:
-    the index is then the axis length."""
-    n = x.shape[axis]
-    top = jnp.max(x, axis=axis, keepdims=True)
-    positions = jnp.arange(n, dtype=jnp.int32).reshape([n if a == axis % x.ndim else 1 for a in range(x.ndim)])
-    return jnp.squeeze(top, axis), jnp.min(jnp.where(x == top, positions, n), axis=axis)
-
-
-def first_argmax(x_BV):
-    """jnp.argmax over the last axis (the first index of the max), without XLA:CPU's argmax."""
-    return jnp.minimum(_max_and_first_index(x_BV, -1)[1], x_BV.shape[-1] - 1)  # a NaN row: the last index
-
-
-def top_k_by_columns(x_BV, k: int, groups: int = 8):
-    """lax.top_k over the last axis in two small TopKs. XLA:CPU's TopK is a partial sort whose cost is its scan
-    (~1 ns an element) and its heap replacements (~50 ns each; ~300 per row of 8,192 shuffled logits): ~150 us for a
-    batch-8 decode step. Split each row into `groups` rows of C = V / groups columns: the k largest values lie in the
-    k columns with the largest maxima. So take the top k column maxima, then the top k of those k columns' values:
-    TopKs over ~C and ~groups x k values, each given its columns' maxima first so that the heap starts nearly full of
-    winners (~60 us). Same values and indices as lax.top_k, except which of exactly equal values wins. Other
-    backends have their own TopK kernels, and small shapes gain nothing: plain lax.top_k there."""
-    B, V = x_BV.shape
-    C = V // groups
-    if V % groups or V < 1024 or C % k or C < 2 * k or jax.default_backend() != "cpu":
-        return jax.lax.top_k(x_BV, k)
-
-    def top_of_grid(grid_BRK):
-        """The top k of a (B, R, k) grid, fed to TopK as the k column maxima then the rest: values, rows, columns."""
-        R = grid_BRK.shape[1]
-        top, row = _max_and_first_index(grid_BRK, 1)
-        rest = jnp.where(jnp.arange(R)[None, :, None] == row[:, None, :], -jnp.inf, grid_BRK).reshape(B, R * k)
-        values, pos = jax.lax.top_k(jnp.concatenate([top, rest], axis=1), k)
-        lead = pos < k  # a column maximum (row[pos]), else rest[pos - k]
-        rows = jnp.where(lead, jnp.take_along_axis(jnp.minimum(row, R - 1), jnp.minimum(pos, k - 1), 1),
-                         (pos - k) // k)
-        return values, rows, jnp.where(lead, pos, (pos - k) % k)
-
-    grid = x_BV.reshape(B, groups, C)  # column c holds x[c], x[c + C], ...
-    _, block, lane = top_of_grid(jnp.max(grid, axis=1).reshape(B, C // k, k))
-    cols = block * k + lane            # (B, k): the columns with the k largest maxima
-    values, row, j = top_of_grid(jnp.take_along_axis(grid, cols[:, None, :], axis=2))
-    return values, row * C + jnp.take_along_axis(cols, j, 1)
-
-
-def uniforms(key, steps_T, rows_B):
-    """(T, B) uniform draws in [0, 1): row r at step s draws from fold_in(fold_in(key, s), r), so rows are
-    independent and a request is reproducible whatever the chunking. The decode loop draws a whole chunk's at once:
-    XLA:CPU runs each threefry call as a small while loop, ~50 us of a batch-8 step when drawn step by step."""
-    one = lambda s, r: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, s), r))  # noqa: E731
-    return jax.vmap(lambda s: jax.vmap(lambda r: one(s, r))(rows_B))(steps_T)
-
-
-def sample(logits_BV, u_B, knobs: dict, cap: int | None):
-    """One token per row, from its uniform draw u_B (see uniforms). knobs: traced scalars temperature (0 = greedy),
-    top_k (used when cap is not None) and top_p (1 = off). Greedy and nucleus sampling are lax.cond branches, so one
-    program serves every setting of the knobs."""
-    temperature, top_k, top_p = knobs["temperature"], knobs["top_k"], knobs["top_p"]
-
-    def inverse_cdf(probs_BN):
-        """Index of the first entry whose cumulative mass reaches the row's uniform draw."""
-        cdf = jnp.cumsum(probs_BN, axis=-1)
-        u = jnp.maximum(u_B * cdf[:, -1], jnp.finfo(jnp.float32).tiny)  # never a leading zero-probability entry
-        return jnp.minimum(jnp.sum(cdf < u[:, None], axis=-1), cdf.shape[-1] - 1)
-
-    def nucleus(probs_BN):
-        """Keep the smallest prefix (of probabilities sorted descending) whose mass reaches top_p."""
-        return jnp.where(jnp.cumsum(probs_BN, axis=-1) - probs_BN < top_p, probs_BN, 0.0)
-
-    def draw(logits):
-        logits = logits / jnp.maximum(temperature, 1e-6)
-        if cap is not None:  # candidates sorted by descending logit; ranks >= top_k are masked out
-            values, index = top_k_by_columns(logits, cap)
-            probs = jax.nn.softmax(jnp.where(jnp.arange(cap) < top_k, values, -jnp.inf), axis=-1)
-            probs = jax.lax.cond(top_p < 1, nucleus, lambda p: p, probs)
-            return jnp.take_along_axis(index, inverse_cdf(probs)[:, None], axis=-1)[:, 0]
-
-        def sorted_nucleus(logits):  # top-p alone sorts the whole vocabulary
-            values, index = jax.lax.top_k(logits, logits.shape[-1])
-            choice = inverse_cdf(nucleus(jax.nn.softmax(values, axis=-1)))
-            return jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0]
-
-        return jax.lax.cond(top_p < 1, sorted_nucleus, lambda x: inverse_cdf(jax.nn.softmax(x, axis=-1)), logits)
-
-    return jax.lax.cond(temperature == 0, first_argmax, draw, logits_BV.astype(jnp.float32)).astype(jnp.int32)
 
 
 def _to_length(x_RSH, length: int):
@@ -371,13 +272,8 @@ class Engine:
                 raise UserError(f"token ids must be integers in [0, {V}); got {bad[:5]}")
         return [[int(t) for t in p] for p in prompts]
 
-    def generate(self, prompt_ids, *, num_samples: int = 1, max_tokens: int | None = 256, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 42, stop_tokens=None,
-                 tools: bool = True):
-        """Yield (token_column, mask_column) per step, one entry per row (rows that are done keep appearing with
-        filler tokens until every row is done, as nanochat's engine does). stop_tokens: ids that end a row (default
-        <|assistant_end|> and <|bos|>); tools: run the calculator on <|python_start|>..<|python_end|>."""
-        prompts = self._prompts(prompt_ids)
+    def _check_sampling(self, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        """A UserError naming the first bad setting of a request."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
@@ -390,6 +286,15 @@ class Engine:
             raise UserError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise UserError(f"seed must be an integer, got {seed!r}")
+
+    def generate(self, prompt_ids, *, num_samples: int = 1, max_tokens: int | None = 256, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 42, stop_tokens=None,
+                 tools: bool = True):
+        """Yield (token_column, mask_column) per step, one entry per row (rows that are done keep appearing with
+        filler tokens until every row is done, as nanochat's engine does). stop_tokens: ids that end a row (default
+        <|assistant_end|> and <|bos|>); tools: run the calculator on <|python_start|>..<|python_end|>."""
+        prompts = self._prompts(prompt_ids)
+        self._check_sampling(num_samples, max_tokens, temperature, top_k, top_p, seed)
         stops = self.default_stops if stop_tokens is None else [int(t) for t in stop_tokens]
         if len(stops) > STOP_SLOTS:
             raise UserError(f"at most {STOP_SLOTS} stop tokens, got {len(stops)}")
@@ -546,93 +451,3 @@ class TextStream:
 
     def flush(self) -> str:
         return self.decoder.decode(b"", final=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# `python -m nanojax.bench decode`
-
-class _RandomTokens:
-    """Just enough tokenizer for a benchmark on random weights: no special tokens, so no stops and no tools."""
-
-    special_tokens: list = []
-
-    def encode_special(self, name):
-        raise UserError(f"no special token {name!r} in the benchmark tokenizer")
-
-
-def benchmark_decode(depth: int = 4, model_dim: int | None = None, vocab_size: int = 8192, batch: int = 1,
-                     prompt_len: int = 32, new_tokens: int = 256, dtype=None, repeats: int = 3, top_k: int = 50,
-                     temperature: float = 1.0, seed: int = 0, n_kv_head: int | None = None,
-                     max_seq_len: int = 2048) -> dict:
-    """Time to first token and decode tokens/s of a random-init model (after a warm-up that compiles), best of
-    `repeats`, and the rate the step reads its weights and KV cache at ((weights + KV) bytes per step / step time);
-    on GPUs also that rate's share of the device's peak bandwidth."""
-    head_dim = 128
-    if model_dim is not None:
-        if model_dim % head_dim:
-            head_dim = math.gcd(model_dim, head_dim)
-        cfg = GPTConfig(vocab_size=vocab_size, depth=depth, model_dim=model_dim, n_head=model_dim // head_dim,
-                        n_kv_head=n_kv_head or model_dim // head_dim, head_dim=head_dim, max_seq_len=max_seq_len)
-    else:
-        cfg = GPTConfig.from_depth(depth, vocab_size=vocab_size, n_kv_head=n_kv_head, max_seq_len=max_seq_len)
-    if prompt_len + new_tokens > cfg.max_seq_len:
-        raise UserError(f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds max_seq_len {cfg.max_seq_len}")
-    params = gpt.init_params(cfg, seed)
-    leaves, tree = jax.tree.flatten(params)  # init zeroes some matrices: fill them so the logits are not uniform
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    params = jax.tree.unflatten(tree, [0.02 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-    engine = Engine(params, cfg, _RandomTokens(), dtype=dtype)
-    prompt = np.random.default_rng(seed).integers(0, vocab_size, prompt_len).tolist()
-    kw = dict(num_samples=batch, max_tokens=new_tokens, temperature=temperature, top_k=top_k, stop_tokens=[])
-
-    def run(i):
-        start = time.perf_counter()
-        first = None
-        count = 0
-        for _ in engine.generate(prompt, seed=i, **kw):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        assert count == new_tokens, (count, new_tokens)
-        return first - start, (end - first) / max(1, new_tokens - 1)
-
-    calls, decode = [], engine._decode_jit
-
-    def recording(params, state, **kw):  # each decode call: (the cache length it read, the steps it took)
-        length = state.cache.k[0].shape[1]  # read before the call donates `state`
-        out = decode(params, state, **kw)
-        calls.append((length, out[3]))
-        return out
-
-    engine._decode_jit = recording
-    run(0)  # compile, and record what the engine's cache growth read
-    engine._decode_jit = decode
-    compiles = engine.compilations
-    runs = [run(i + 1) for i in range(repeats)]
-    ttft, step = min(r[0] for r in runs), min(r[1] for r in runs)
-    if engine.compilations != compiles:
-        raise RuntimeError("the decode benchmark recompiled after warm-up")
-
-    itemsize = engine.dtype.itemsize
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    weight_bytes = (n_params - cfg.vocab_size * cfg.model_dim + cfg.model_dim) * itemsize  # one embedding row read
-    lengths = [S for S, n in calls for _ in range(int(n))]  # the cache length each decode step read
-    cache_len = sum(lengths) / len(lengths)
-    kv_bytes = 2 * cfg.depth * batch * cache_len * cfg.n_kv_head * cfg.head_dim * itemsize  # all of it is read
-    device = jax.devices()[0]
-    peak = peak_bandwidth(device)
-    read_rate = (weight_bytes + kv_bytes) / step  # bytes/s: comparable across machines, unlike ratios to PyTorch
-    out = {
-        "depth": cfg.depth, "model_dim": cfg.model_dim, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
-        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": engine.dtype.name,
-        "device": getattr(device, "device_kind", str(device)), "backend": jax.default_backend(),
-        "ttft_ms": round(ttft * 1e3, 3), "decode_step_ms": round(step * 1e3, 4),
-        "decode_tok_per_s": round(batch / step, 1), "decode_tok_per_s_per_row": round(1 / step, 1),
-        "weight_bytes": int(weight_bytes), "kv_bytes_per_step": int(kv_bytes), "mean_cache_len": round(cache_len, 1),
-        "repeats": repeats, "median_step_ms": round(statistics.median(r[1] for r in runs) * 1e3, 4),
-        "read_gb_per_s": round(read_rate / 1e9, 2),
-    }
-    if peak:
-        out["bandwidth_util"] = round(read_rate / peak, 4)
-    return out

@@ -404,13 +404,17 @@ def _qkv_joined(layer, x_BTD, cos, sin, cfg: GPTConfig, dtype):
 
 def cached_forward(dparams, tokens_BT, cache: DecodeCache, cfg: GPTConfig, dtype, last=None):
     """Write the T tokens' k/v at positions pos..pos+T-1 (the caller keeps pos + T <= S: dynamic_update_slice would
-    clamp) and attend: row b's query i sees key j iff start_b <= j <= pos + i. `dparams` come from decode_params.
+    clamp) and attend: row b's query i sees key j iff start_b <= j <= pos + i; RoPE turns row b's position j by
+    j - start_b. `dparams` come from decode_params.
     Returns (logits fp32 (B, T, V), or (B, 1, V) at query index `last` only when given; the cache with pos + T)."""
     B, T = tokens_BT.shape
     S = cache.k[0].shape[1]
     KV, G, hd = cfg.n_kv_head, cfg.n_head // cfg.n_kv_head, cfg.head_dim
     positions_T = cache.pos + jnp.arange(T, dtype=jnp.int32)
-    cos, sin = (jax.lax.dynamic_slice_in_dim(t, cache.pos, T)[None].astype(dtype) for t in dparams["rope"])
+    # RoPE by each row's own position (from its start), not by where it sits in the cache: rows can then be moved
+    # along the cache, and a prompt prefilled on its own can join a running batch (nanojax.batching).
+    rotation_BT = jnp.clip(positions_T[None, :] - cache.start[:, None], 0, dparams["rope"][0].shape[0] - 1)
+    cos, sin = (t[rotation_BT].astype(dtype) for t in dparams["rope"])
     keys_S, queries_Q = jnp.arange(S, dtype=jnp.int32), jnp.repeat(positions_T, G)  # Q = (t, g)
     # R = (b, kv head). A padding query (before its row's start) sees only itself: no all-masked row, no NaN.
     visible_RQS = ((keys_S[None, :] <= queries_Q[:, None])[None]

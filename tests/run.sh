@@ -4,4 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/venv.sh dev
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null \
+    && [ -z "${NANOJAX_CHROMIUM:-}" ]; then
+  echo "note: no chromium found: the browser test of the chat page (tests/test_app.py) will be SKIPPED" \
+       "(apt-get install chromium to run it)" >&2
+fi
 exec python -m pytest "$@"

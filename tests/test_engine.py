@@ -10,8 +10,7 @@ from nanojax import gpt
 from nanojax import mesh as meshlib
 from nanojax.common import UserError
 from nanojax.config import GPTConfig
-from nanojax.engine import (Engine, FORCED_SLOTS, cache_bucket, decode_compiler_options, first_argmax, sample,
-                            top_k_by_columns, top_k_cap, uniforms)
+from nanojax.engine import Engine, FORCED_SLOTS, cache_bucket, decode_compiler_options
 from tokenizer import Tokenizer
 
 VOCAB = 300
@@ -143,33 +142,6 @@ def test_num_samples_rows_are_independent(engines):
     assert all(s == greedy[0] for s in greedy)
 
 
-_sample = jax.jit(sample, static_argnames=("cap",))
-
-
-def test_first_argmax_equals_argmax_ties_included():
-    x = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32)
-    x[1, [7, 250]] = 10.0  # a tie: the first index wins, as with argmax
-    x[2, :] = 0.0
-    x[3, -1] = 99.0
-    np.testing.assert_array_equal(jax.jit(first_argmax)(x), np.argmax(x, axis=-1))
-
-
-@pytest.mark.parametrize("V, k", [(8192, 64), (8192, 1), (1024, 64), (2048, 128), (4096, 512), (300, 5)])
-def test_top_k_by_columns_equals_lax_top_k(V, k):
-    """Two TopKs over column maxima and their columns: the same values and indices, in the same order (4096 with
-    k=512 and 300: plain lax.top_k)."""
-    x = np.random.default_rng(V + k).normal(size=(4, V)).astype(np.float32)
-    x[1, :: V // 8] += 5.0  # the top values of one row in a single column
-    x[2, ::k] += 3.0        # the largest column maxima all at one lane of the first TopK's blocks
-    x[3] = np.round(x[3])   # many ties: which of equal values wins may differ
-    values, index = map(np.asarray, jax.jit(top_k_by_columns, static_argnums=1)(x, k))
-    want_values, want_index = jax.lax.top_k(x, k)
-    np.testing.assert_array_equal(values, want_values)
-    np.testing.assert_array_equal(index[:3], want_index[:3])
-    np.testing.assert_array_equal(np.take_along_axis(x, index, 1), values)
-    assert all(len(set(row)) == k for row in index.tolist())
-
-
 def test_decode_programs_leave_out_ynnpack_fusions_on_cpus():
     """The decode loop compiles without XLA:CPU's YNNPACK fusions (faster at batch 8); other backends get no option."""
     assert decode_compiler_options("gpu") == {}
@@ -179,27 +151,6 @@ def test_decode_programs_leave_out_ynnpack_fusions_on_cpus():
     a, b = jnp.ones((8, 256)), jnp.ones((256, 1024))
     assert "__ynn_fusion" in jax.jit(matmul_exp).lower(a, b).compile().as_text()  # the default does fuse this
     assert "__ynn_fusion" not in jax.jit(matmul_exp, compiler_options=options).lower(a, b).compile().as_text()
-
-
-@pytest.mark.parametrize("temperature, top_k, top_p, expected", [
-    (1.0, None, 1.0, [0.5, 0.25, 0.15, 0.1]),
-    (1.0, 2, 1.0, [2 / 3, 1 / 3, 0, 0]),
-    (1.0, None, 0.6, [2 / 3, 1 / 3, 0, 0]),           # keeps the smallest prefix reaching 0.6: tokens 0 and 1
-    (1.0, 3, 0.9, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0]),  # top-p over the renormalised top-k
-    (2.0, None, 1.0, np.sqrt([0.5, 0.25, 0.15, 0.1]) / np.sqrt([0.5, 0.25, 0.15, 0.1]).sum()),
-    (0.0, None, 1.0, [1, 0, 0, 0]),
-])
-def test_sampling_distribution(temperature, top_k, top_p, expected):
-    rows = 20_000
-    probs = np.array([0.15, 0.5, 0.1, 0.25])  # shuffled, so index order is not probability order
-    order = np.array([1, 3, 0, 2])              # token ids from most to least likely
-    logits = jnp.asarray(np.tile(np.log(probs), (rows, 1)), jnp.float32)
-    knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k or 0), "top_p": np.float32(top_p)}
-    u = uniforms(jax.random.key(0), jnp.array([3]), jnp.arange(rows))[0]
-    tokens = np.asarray(_sample(logits, u, knobs, cap=top_k_cap(top_k, 4)))
-    freq = np.bincount(tokens, minlength=4)[order] / rows
-    np.testing.assert_allclose(freq, expected, atol=0.015)
-    assert top_k_cap(50, 8192) == 64 and top_k_cap(None, 10) is None and top_k_cap(9, 8) == 8
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,22 +187,6 @@ def test_cache_buckets_and_growth(engines, models, monkeypatch):
     seqs, _ = engine.generate_batch(prompt, max_tokens=70, **kw)
     assert len(seqs[0]) == 200 and grown == [192, 256, 256]
     assert_greedy(seqs[0], 130, *reversed(models["mha"]))
-
-
-@pytest.mark.slow  # compiles its own engine's prefill and decode
-def test_benchmark_decode_reports_consistent_figures():
-    """bench decode's figures agree with each other; its cache length is the one the engine read."""
-    out = engine_lib.benchmark_decode(depth=1, model_dim=64, vocab_size=256, batch=2, prompt_len=8, new_tokens=16,
-                                      repeats=1)
-    cfg = GPTConfig(vocab_size=256, depth=1, model_dim=64, n_head=1, n_kv_head=1, head_dim=64)
-    step = out["decode_step_ms"] / 1e3
-    assert out["batch"] == 2 and out["dtype"] == "float32" and "bandwidth_util" not in out  # no peak known on a CPU
-    assert out["decode_tok_per_s"] == pytest.approx(2 / step, rel=1e-3)
-    assert out["weight_bytes"] == 4 * (gpt.num_params(cfg) - 256 * 64 + 64)  # one embedding row per token
-    assert out["mean_cache_len"] == 128  # the first cache bucket
-    assert out["kv_bytes_per_step"] == pytest.approx(2 * 1 * 2 * out["mean_cache_len"] * 64 * 4, rel=1e-3)
-    rate = (out["weight_bytes"] + out["kv_bytes_per_step"]) / step / 1e9
-    assert out["read_gb_per_s"] == pytest.approx(rate, rel=1e-2, abs=0.01)
 
 
 def test_max_seq_len_bounds_generation(engines):

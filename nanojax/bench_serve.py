@@ -1,0 +1,204 @@
+"""`python -m nanojax.bench serve`: the chat server under load on 127.0.0.1, against `bench decode` on the same model.
+
+A random-init model (bench decode's shapes) is saved as an sft checkpoint, with a tokenizer trained on the demo
+corpus, in a temporary base directory; `python -m serve.app` serves it in a subprocess (nanojax imports nothing from
+serve/), and this process is the clients (httpx, asyncio, the OpenAI streaming protocol). Measured:
+  - 32 concurrent streaming clients: all complete; aggregate completion tokens/s (first request sent to last token
+    received, prefill and joins included) against `bench decode --batch 32` in this same run;
+  - one client alone: tokens/s from its first token to its last, against `bench decode --batch 1`;
+  - 10 clients that hang up mid-stream: the server's /stats show their rows freed;
+  - the server's resident memory (VmRSS) before and after 500 sequential requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc")
+
+
+def _make_checkpoint(base: Path, depth: int, vocab_size: int, max_seq_len: int, seed: int = 0):
+    import jax
+
+    from nanojax import gpt
+    from nanojax.checkpoint import StageCheckpoints
+    from nanojax.config import GPTConfig
+    from tokenizer import Tokenizer
+    from tokenizer.train import _corpus
+
+    docs, _ = _corpus(2)
+    tok = Tokenizer.train(iter(docs), vocab_size)
+    tok.save(base / "tokenizer")
+    cfg = GPTConfig.from_depth(depth, vocab_size=vocab_size, max_seq_len=max_seq_len)
+    params = gpt.init_params(cfg, seed)  # filled as bench decode fills them, so the logits are not uniform
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = jax.tree.unflatten(tree, [0.02 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    ck = StageCheckpoints("sft", f"d{depth}")
+    ck.save(1, params, None, {"step": 1, "model_config": cfg.to_dict(), "tokenizer": tok.fingerprint(),
+                              "note": "random weights for bench serve"})
+    ck.close()
+
+
+async def _stream(client, url: str, body: dict, hang_up_after: int | None = None) -> dict:
+    """One streaming OpenAI request: tokens (from usage), time of the first and last content chunk."""
+    start = time.perf_counter()
+    first = last = None
+    usage, chunks = None, 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            elif event["choices"] and event["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                first, last, chunks = first or now, now, chunks + 1
+                if hang_up_after is not None and chunks >= hang_up_after:
+                    return {"hung_up": True}
+    return {"start": start, "first": first, "last": last, "tokens": usage["completion_tokens"]}
+
+
+def _body(max_tokens: int, i: int) -> dict:
+    return {"model": "bench", "messages": [{"role": "user", "content": f"Tell me a story about the number {i}."}],
+            "max_tokens": max_tokens, "temperature": 1.0, "top_k": 50, "seed": i, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+async def _load(url: str, model: str, clients: int, new_tokens: int, sequential: int, disconnects: int,
+                pid: int) -> dict:
+    import httpx
+
+    out = {}
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        body = lambda n, i: {**_body(n, i), "model": model}  # noqa: E731
+
+        async def concurrent(n, offset):
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(_stream(client, url, body(new_tokens, offset + i)) for i in range(n)))
+            end = max(r["last"] or r["start"] for r in results)
+            tokens = sum(r["tokens"] for r in results)
+            return {"clients": n, "completed": len(results), "tokens": tokens, "wall_s": round(end - t0, 3),
+                    "tok_per_s": round(tokens / (end - t0), 1),
+                    "ttft_ms_median": round(1e3 * float(np.median([r["first"] - r["start"] for r in results])), 1)}
+
+        compilations = lambda: client.get(url + "/stats")  # noqa: E731
+
+        async def warm(run):  # until a round compiles nothing new (every bucket and join pattern this load meets)
+            for rounds in range(1, 9):
+                before = (await compilations()).json()["engine"]["compilations"]
+                await run()
+                if (await compilations()).json()["engine"]["compilations"] == before:
+                    return rounds
+            return rounds
+
+        out["warmup_rounds"] = [await warm(lambda: concurrent(clients, 0))]
+        before = (await compilations()).json()["engine"]["compilations"]
+        out["concurrent"] = await concurrent(clients, 1000)
+        out["warmup_rounds"].append(await warm(lambda: _stream(client, url, body(new_tokens, 5))))
+        alone = await _stream(client, url, body(new_tokens, 7))
+        out["compilations_while_timed"] = (await compilations()).json()["engine"]["compilations"] - before
+        out["alone"] = {"tokens": alone["tokens"], "ttft_ms": round(1e3 * (alone["first"] - alone["start"]), 1),
+                        "tok_per_s": round((alone["tokens"] - 1) / (alone["last"] - alone["first"]), 1)}
+
+        stats = (await client.get(url + "/stats")).json()["engine"]
+        before = stats["finished"].get("cancelled", 0)
+        await asyncio.gather(*(_stream(client, url, body(2000, 2000 + i), hang_up_after=3)
+                               for i in range(disconnects)))
+        for _ in range(600):  # bounded: 60 s for the server to notice
+            stats = (await client.get(url + "/stats")).json()["engine"]
+            if stats["finished"].get("cancelled", 0) - before >= disconnects and stats["active"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        out["disconnects"] = {"clients": disconnects, "cancelled": stats["finished"].get("cancelled", 0) - before,
+                              "active_after": stats["active"], "free_slots_after": stats["free_slots"]}
+        small = lambda i: {**body(8, i), "stream": False}  # noqa: E731
+        for i in range(50):  # settle the allocator first
+            (await client.post(url + "/v1/chat/completions", json=small(i))).raise_for_status()
+        before = _rss_kib(pid)
+        t0 = time.perf_counter()
+        for i in range(sequential):
+            (await client.post(url + "/v1/chat/completions", json=small(10_000 + i))).raise_for_status()
+        after = _rss_kib(pid)
+        out["sequential"] = {"requests": sequential, "seconds": round(time.perf_counter() - t0, 1),
+                             "rss_before_mib": round(before / 1024, 1), "rss_after_mib": round(after / 1024, 1),
+                             "rss_growth": round(after / before - 1, 4)}
+    return out
+
+
+def benchmark_serve(depth: int = 4, vocab_size: int = 8192, max_seq_len: int = 2048, clients: int = 32,
+                    new_tokens: int = 256, sequential: int = 500, disconnects: int = 10, dtype=None) -> dict:
+    from nanojax.bench_decode import benchmark_decode
+
+    decode = {b: benchmark_decode(depth=depth, vocab_size=vocab_size, batch=b, prompt_len=32, new_tokens=new_tokens,
+                                  dtype=dtype, max_seq_len=max_seq_len) for b in (clients, 1)}
+    with tempfile.TemporaryDirectory(prefix="nanojax-bench-serve-") as tmp:
+        base = Path(tmp)
+        env = {**os.environ, "NANOJAX_BASE_DIR": str(base), "NANOJAX_PROGRESS": "0"}
+        previous = os.environ.get("NANOJAX_BASE_DIR")
+        os.environ["NANOJAX_BASE_DIR"] = str(base)
+        try:
+            _make_checkpoint(base, depth, vocab_size, max_seq_len)
+        finally:
+            if previous is None:
+                os.environ.pop("NANOJAX_BASE_DIR")
+            else:
+                os.environ["NANOJAX_BASE_DIR"] = previous
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "serve.app", "-i", "sft", "--port", str(port), "--max-batch",
+                                 str(clients), "--max-queue", str(4 * clients)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            import httpx
+            for _ in range(1200):  # bounded: 4 minutes to load and start
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited: {proc.stdout.read()[-2000:]}")
+                try:
+                    model = httpx.get(url + "/v1/models", timeout=1).json()["data"][0]["id"]
+                    break
+                except (httpx.TransportError, ValueError):
+                    time.sleep(0.2)
+            else:
+                raise RuntimeError("the server did not start in 4 minutes")
+            out = asyncio.run(_load(url, model, clients, new_tokens, sequential, disconnects, proc.pid))
+            stats = httpx.get(url + "/stats").json()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return {"depth": depth, "vocab_size": vocab_size, "new_tokens": new_tokens, "dtype": decode[1]["dtype"],
+            **out, "decode_batch_tok_per_s": decode[clients]["decode_tok_per_s"],
+            "decode_1_tok_per_s": decode[1]["decode_tok_per_s"],
+            "concurrent_vs_decode": round(out["concurrent"]["tok_per_s"] / decode[clients]["decode_tok_per_s"], 3),
+            "alone_vs_decode_1": round(out["alone"]["tok_per_s"] / decode[1]["decode_tok_per_s"], 3),
+            "server_compilations": stats["engine"]["compilations"],
+            "batch_occupancy": stats["engine"]["batch_occupancy"]}

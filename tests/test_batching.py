@@ -1,0 +1,117 @@
+"""nanojax.batching: requests joining and leaving a running decode batch get exactly what engine.generate gives them
+alone; cancelled rows are freed; shapes stay in buckets; a full queue is refused; tool calls and stops work per row."""
+import pytest
+
+from nanojax.batching import QueueFull, Slots
+from test_engine import engines, models, prompt_of, scripted, special, byte_ids, tok  # noqa: F401  (fixtures)
+
+
+def collect(slots, outs):
+    def on_tokens(req, tokens, masks):
+        outs.setdefault(req.id, []).extend(tokens)
+    return on_tokens
+
+
+@pytest.mark.slow  # compiles batches of 1, 2 and 4 rows and two cache buckets
+def test_joining_and_leaving_requests_get_what_generate_gives_alone(engines):
+    """Requests join a running batch at a later device call (one with a prompt longer than the batch's position, so
+    the batch shifts), others finish early, the batch grows past a cache bucket: each request's tokens equal
+    engine.generate's for the same prompt, settings and seed, greedy and sampled."""
+    engine = engines["mha"]  # max_seq_len 256
+    specs = [(5, 150, 0.0, 0, None), (20, 3, 0.0, 0, None), (9, 40, 1.0, 5, None), (60, 50, 0.8, 0, 0.9),
+             (12, 30, 0.7, 20, None)]
+    kw = lambda n, m, T, k, p: dict(max_tokens=m, temperature=T, top_k=k, top_p=p, seed=n)  # noqa: E731
+    slots = Slots(engine, max_batch=4, stop_tokens=[])
+    outs, reqs = {}, []
+
+    def submit(spec, on_tokens):
+        reqs.append(slots.submit(prompt_of(spec[0], spec[0]), on_tokens=on_tokens, **kw(*spec)))
+
+    def first_then_more(req, tokens, masks):  # the long request brings the others once it has 40 tokens
+        collect(slots, outs)(req, tokens, masks)
+        if len(outs[req.id]) >= 40 and len(reqs) == 2:
+            for spec in specs[2:]:
+                submit(spec, collect(slots, outs))
+
+    submit(specs[0], first_then_more)
+    submit(specs[1], collect(slots, outs))
+    slots.run_until_idle()
+    stats = slots.stats()
+    assert stats["requests"] == 5 and stats["active"] == 0 and stats["finished"] == {"length": 5}
+    assert stats["turns"] >= 3 and stats["tokens"] == sum(s[1] for s in specs)
+    for req, spec in zip(reqs, specs):
+        n = spec[0]
+        want = engine.generate_batch(prompt_of(n, n), stop_tokens=[], **kw(*spec))[0][0][n:]
+        assert outs[req.id] == want and req.finish_reason == "length", spec
+
+
+def test_cancelled_requests_free_their_rows_and_others_go_on(engines):
+    engine = engines["gqa"]
+    slots = Slots(engine, max_batch=4, stop_tokens=[])
+    outs = {}
+    reqs = [slots.submit(prompt_of(6, i), max_tokens=60, temperature=0, on_tokens=collect(slots, outs))
+            for i in range(4)]
+
+    def cancel_two(req, tokens, masks):
+        collect(slots, outs)(req, tokens, masks)
+        if len(outs[req.id]) >= 10:
+            slots.cancel(reqs[1])
+            slots.cancel(reqs[2])
+    reqs[0].on_tokens = cancel_two
+    slots.run_until_idle()
+    assert [r.finish_reason for r in reqs] == ["length", "cancelled", "cancelled", "length"]
+    assert len(outs[reqs[1].id]) < 60 and slots.stats()["finished"] == {"length": 2, "cancelled": 2}
+    for i in (0, 3):
+        assert outs[reqs[i].id] == engine.generate_batch(prompt_of(6, i), max_tokens=60, temperature=0,
+                                                         stop_tokens=[])[0][0][6:]
+    stats = slots.stats()
+    assert stats["active"] == 0 and stats["free_slots"] == 4 and stats["waiting"] == 0
+    waiting = slots.submit(prompt_of(3), max_tokens=5)
+    slots.cancel(waiting)  # never ran: finished at once
+    assert waiting.finish_reason == "cancelled" and slots.stats()["waiting"] == 0
+
+
+@pytest.mark.slow  # warms four batch and top-k combinations first
+def test_no_recompilation_per_request_and_a_bounded_queue(engines):
+    engine = engines["gqa"]
+    slots = Slots(engine, max_batch=2, max_queue=3, stop_tokens=[])
+
+    def pair(i):  # a top-k row and a greedy/top-p row; either may outlive the other (batch 2, then 1)
+        slots.submit(prompt_of(17 + 2 * i, i), max_tokens=5 + i, temperature=0.9, top_k=33 + i, seed=i)
+        slots.submit(prompt_of(20, i), max_tokens=7, temperature=0.0, top_p=0.5 + i / 20, seed=i)
+        slots.run_until_idle()
+    pair(0), pair(4)  # warm: batches 2 and 1, prompt bucket 32, cache bucket 128, top-k 64 and off
+    compiles = slots.stats()["compilations"]
+    for i in (1, 2, 3, 5):
+        pair(i)
+    assert slots.stats()["compilations"] == compiles, "a request within the buckets recompiled"
+    for i in range(5):  # 2 rows may be taken by the loop at once; here nothing runs: 2 free rows + 3 queued
+        slots.submit(prompt_of(5), max_tokens=2)
+    with pytest.raises(QueueFull):
+        slots.submit(prompt_of(5), max_tokens=2)
+    assert slots.stats()["rejected"] == 1
+    slots.run_until_idle()
+    assert slots.stats()["finished"]["length"] == 12 + 5
+
+
+def test_stops_and_calculator_calls_per_row(scripted, tok):
+    """A scripted model: one row stops at <|assistant_end|>, another calls the calculator and gets its output
+    forced in (mask 0), as engine.generate does."""
+    bos, ps, pe = tok.bos_id, special(tok, "<|python_start|>"), special(tok, "<|python_end|>")
+    os_, oe, end = special(tok, "<|output_start|>"), special(tok, "<|output_end|>"), special(tok, "<|assistant_end|>")
+    x, seven, times, six, z = byte_ids(tok, "X7*6Z")
+    chain = [x, ps, seven, times, six, pe]
+    scripted.script(bigram=dict(zip(chain, chain[1:])) | {oe: z, z: end})
+    slots = Slots(scripted, max_batch=2)
+    got = {}
+
+    def on_tokens(req, tokens, masks):
+        got.setdefault(req.id, ([], []))
+        got[req.id][0].extend(tokens)
+        got[req.id][1].extend(masks)
+    tool = slots.submit([bos, x], temperature=0, on_tokens=on_tokens)
+    plain = slots.submit([bos, z], temperature=0.5, on_tokens=on_tokens)
+    slots.run_until_idle()
+    output = [os_] + tok.encode("42") + [oe]
+    assert got[tool.id] == (chain[1:] + output + [z], [1] * 5 + [0] * len(output) + [1])
+    assert got[plain.id] == ([], []) and plain.finish_reason == tool.finish_reason == "stop"
