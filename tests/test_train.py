@@ -120,3 +120,25 @@ def test_bad_input_fails_fast_with_one_line(with_tokenizer, args, message):
 def test_missing_tokenizer_is_a_clear_error(base_dir):
     r = _launch(base_dir, "--depth", "2")
     assert r.returncode == 2 and "tokenizer.train" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_stop_signal_cuts_an_evaluation_short():
+    """SIGTERM during an evaluation interrupts it (the loop then saves); between steps it only sets the flag."""
+    import os
+    import signal
+
+    from nanojax.train import Interrupted, _StopFlag
+
+    evaluated = []
+
+    def long_evaluation():
+        os.kill(os.getpid(), signal.SIGTERM)
+        evaluated.append("finished")  # never reached: the signal handler raises first
+
+    with _StopFlag() as stop:
+        with pytest.raises(Interrupted):
+            stop.interruptible(long_evaluation)
+        assert stop.signal == "SIGTERM" and stop.requested() and not evaluated
+        with pytest.raises(Interrupted):  # a signal already received: the next evaluation does not start
+            stop.interruptible(evaluated.append, "started")
+    assert not evaluated and signal.getsignal(signal.SIGTERM) is not stop._handle
