@@ -394,9 +394,9 @@ def check_args(args):
 
 
 def server_for(args) -> ChatServer:
-    from nanojax import checkpoint
+    from nanojax import models
 
-    model = checkpoint.load(args.source, tag=args.model_tag, step=args.step)
+    model = models.load(args.source, tag=args.model_tag, step=args.step)
     return ChatServer(model.engine, model.tokenizer, model_id=f"nanojax-{model.stage}-{model.tag}",
                       max_batch=args.max_batch, max_queue=args.max_queue, cors_origins=args.cors_origin,
                       defaults={"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens},
