@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--source", default="sft", choices=tuple(STAGES), help="stage to load")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: the largest depth)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("-p", "--port", type=int, default=8000)
+    p.add_argument("-p", "--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("-t", "--temperature", type=float, default=0.8, help="default when a request names none")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default when a request names none")

@@ -319,7 +319,7 @@ def test_registry_wheel_timeout_is_a_user_error(tmp_path, monkeypatch):
 
 
 CLI_MODULES = ["nanojax.dataset", "tokenizer.train", "tokenizer.eval", "launch.base", "launch.mid", "launch.sft",
-               "evals.base", "evals.chat", "evals.core_bundle", "serve.cli", "nanojax.models", "nanojax.report",
+               "launch.rl", "serve.app", "evals.base", "evals.chat", "evals.core_bundle", "serve.cli", "nanojax.models", "nanojax.report",
                "nanojax.bench", "launch.presets", "launch.pipeline"]
 
 
