@@ -41,7 +41,8 @@ import numpy as np
 
 from nanojax import gpt
 from nanojax.common import UserError
-from nanojax.engine import FORCED_SLOTS, STOP_SLOTS, Engine, _Row, bucket, cache_bucket, decode_compiler_options
+from nanojax.engine import (FORCED_SLOTS, STOP_SLOTS, Engine, _Row, advance_rows, bucket, cache_bucket,
+                            decode_compiler_options)
 from nanojax.sampling import row_uniforms, sample_rows, top_k_cap
 
 
@@ -512,18 +513,7 @@ class Slots:
             logits, cache = self.engine._forward(params, st.token[:, None], st.cache)
             sampled = sample_rows(logits[:, 0], jax.lax.dynamic_index_in_dim(u_TB, i, keepdims=False),
                                   st.temperature, st.top_k, st.top_p, cap)
-            forcing = st.forced_pos < st.forced_len
-            forced = jnp.take_along_axis(st.forced, jnp.minimum(st.forced_pos, FORCED_SLOTS - 1)[:, None], 1)[:, 0]
-            token = jnp.where(forcing, forced, sampled)
-            forced_pos = st.forced_pos + forcing
-            live = ~st.done
-            done = st.done | jnp.isin(token, stops) | (st.step + 1 >= st.limit)
-            host = jnp.any(live & ~forcing & (token == python_end))
-            host |= jnp.any(~done & st.more & (forced_pos >= st.forced_len))
-            st = st.replace(cache=cache, token=token, step=st.step + 1, done=done, forced_pos=forced_pos, host=host)
-            tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
-            masks = jax.lax.dynamic_update_index_in_dim(masks, ~forcing, i, axis=1)
-            return i + 1, st, tokens, masks, jnp.all(done) | host
+            return advance_rows(i, st, tokens, masks, sampled, cache, stops, python_end)
 
         init = (jnp.int32(0), state, jnp.zeros((B, T), jnp.int32), jnp.zeros((B, T), bool),
                 jnp.all(state.done) | state.host)

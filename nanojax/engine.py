@@ -133,6 +133,25 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def advance_rows(i, st, tokens_BT, masks_BT, sampled_B, cache, stops, python_end):
+    """One decode step's bookkeeping for every row, given what it sampled (the engine's loop and the server's slots
+    share it): a queued forced token (a tool's output) wins over the sample, a stop token or the row's limit ends it,
+    and the loop hands back to Python for a tool call to run or a forced queue to refill before a row would sample.
+    -> the decode loop's next carry (i + 1, state, tokens, masks, stop the chunk?)."""
+    forcing = st.forced_pos < st.forced_len
+    forced = jnp.take_along_axis(st.forced, jnp.minimum(st.forced_pos, FORCED_SLOTS - 1)[:, None], 1)[:, 0]
+    token = jnp.where(forcing, forced, sampled_B)
+    forced_pos = st.forced_pos + forcing
+    live = ~st.done
+    done = st.done | jnp.isin(token, stops) | (st.step + 1 >= st.limit)
+    host = jnp.any(live & ~forcing & (token == python_end))
+    host |= jnp.any(~done & st.more & (forced_pos >= st.forced_len))
+    st = st.replace(cache=cache, token=token, step=st.step + 1, done=done, forced_pos=forced_pos, host=host)
+    tokens_BT = jax.lax.dynamic_update_index_in_dim(tokens_BT, token, i, axis=1)
+    masks_BT = jax.lax.dynamic_update_index_in_dim(masks_BT, ~forcing, i, axis=1)
+    return i + 1, st, tokens_BT, masks_BT, jnp.all(done) | host
+
+
 class Engine:
     """See the module docstring. `params` are cast once to the compute dtype; set `engine.params` to swap weights
     of the same shapes without recompiling (RL)."""
@@ -233,19 +252,7 @@ class Engine:
             i, st, tokens, masks, _ = carry
             logits, cache = self._forward(params, st.token[:, None], st.cache)
             sampled = sample(logits[:, 0], jax.lax.dynamic_index_in_dim(u_TB, i, keepdims=False), knobs, cap)
-            forcing = st.forced_pos < st.forced_len
-            forced = jnp.take_along_axis(st.forced, jnp.minimum(st.forced_pos, FORCED_SLOTS - 1)[:, None], 1)[:, 0]
-            token = jnp.where(forcing, forced, sampled)
-            forced_pos = st.forced_pos + forcing
-            live = ~st.done
-            done = st.done | jnp.isin(token, stops) | (st.step + 1 >= st.limit)
-            # Hand back to Python: a tool call to run, or a forced queue to refill before the row would sample.
-            host = jnp.any(live & ~forcing & (token == python_end))
-            host |= jnp.any(~done & st.more & (forced_pos >= st.forced_len))
-            st = st.replace(cache=cache, token=token, step=st.step + 1, done=done, forced_pos=forced_pos, host=host)
-            tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
-            masks = jax.lax.dynamic_update_index_in_dim(masks, ~forcing, i, axis=1)
-            return i + 1, st, tokens, masks, jnp.all(done) | host
+            return advance_rows(i, st, tokens, masks, sampled, cache, stops, python_end)
 
         init = (jnp.int32(0), state, jnp.zeros((B, self.chunk), jnp.int32), jnp.zeros((B, self.chunk), bool),
                 jnp.all(state.done) | state.host)
