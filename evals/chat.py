@@ -16,6 +16,7 @@ with Python-level guards only, and the output and the report say that instead.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import numpy as np
 
@@ -58,18 +59,28 @@ def evaluate_generative(task, rows, tokenizer, complete_fn, num_samples: int = 1
     return passed / max(len(rows), 1)
 
 
-def make_last_logits_fn(params, cfg, dtype):
-    """One jitted forward per (batch, length bucket): prompts right-padded, logits read at each row's last token."""
+@functools.lru_cache(maxsize=None)
+def _last_logits(cfg, dtype):
+    """The jitted forward of make_last_logits_fn, one per model shape and dtype: SFT evaluates new params every few
+    hundred steps with the same program (a fresh jit each time would compile it again)."""
     import jax
     import jax.numpy as jnp
 
     from nanojax import gpt
-    from nanojax.engine import bucket
 
     @jax.jit
     def last_logits(params, tokens_BT, last_B):
         h = gpt.forward(params, tokens_BT, cfg, dtype=dtype)
         return h[jnp.arange(h.shape[0]), last_B]
+
+    return last_logits
+
+
+def make_last_logits_fn(params, cfg, dtype):
+    """One jitted forward per (batch, length bucket): prompts right-padded, logits read at each row's last token."""
+    from nanojax.engine import bucket
+
+    last_logits = _last_logits(cfg, dtype)
 
     def fn(prompts):
         prompts = [p[-cfg.max_seq_len:] for p in prompts]
