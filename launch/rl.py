@@ -162,6 +162,8 @@ def main(argv=None):
     stage = train.Stage(
         name="rl", train_batches=loader, num_iterations=num_iterations, evaluate=evaluate,
         lr_schedule=lambda step, progress: 1.0 - step / num_iterations,
+        sample=train.make_sampler(model_cfg, tok, chat.CHAT_SAMPLE_PROMPTS, chat=True, max_tokens=32,
+                                  dtype=cfg.dtype or None),
         init_params=chat.parent_params(path, cfg.mesh), extra_meta={"rl": about},
         summary={"parent checkpoint": str(path), "data": data_note,
                  "questions x samples per step": f"{args.examples_per_step} x {args.num_samples}",

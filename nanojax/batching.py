@@ -21,15 +21,17 @@ How it runs (the engine's layout, nanojax.engine, with rows that are different r
     up to a cache bucket) or right when a joining prompt is longer than `pos`; joiners are prefilled together
     (right-aligned in a prompt bucket), their first tokens sampled, and their rows written in.
   - Shapes come in buckets: rows a power of two up to max_batch, prompts and caches as in the engine, top-k size a
-    power of two. The decode loop compiles once per (rows, cache, top-k) bucket and the prefill once per (joiners,
-    prompt, top-k) bucket, never per request; a turn's cache edits are small programs per array shape, shared by
-    every layer (`stats()["compilations"]` counts them all).
+    power of two from 64. The decode loop compiles once per (rows, cache, top-k) bucket and the prefill once per
+    (joiners, prompt, top-k) bucket, never per request; a turn's cache edits are small programs per array shape,
+    shared by every layer. `warm_up(max_len)` compiles the decode and prefill programs of every bucket up to max_len
+    positions before requests come (the server does it at start-up); `stats()["compilations"]` counts every XLA
+    compilation in the process since the slots were made (jax.monitoring), so a request that waited for one shows.
   - Past max_queue waiting requests, submit raises QueueFull (the server answers 429).
 """
 from __future__ import annotations
 
 import collections
-import functools
+import concurrent.futures
 import itertools
 import threading
 import time
@@ -45,28 +47,17 @@ from nanojax.engine import (FORCED_SLOTS, STOP_SLOTS, Engine, _Row, advance_rows
                             decode_compiler_options)
 from nanojax.sampling import row_uniforms, sample_rows, top_k_cap
 
-
-# The cache edits of a turn, one small program per array shape (shared by every layer's k and v): cheap to compile,
-# where a program over the whole state compiled per combination of row, cache and prompt buckets (seconds each).
-
-@jax.jit
-def _take_rows(x, index):
-    return x[index]
+# Rows asking top_k <= 64 (or none) share the top-k size 64, so the usual mix of settings needs one program per shape
+# (a 256-candidate TopK costs ~3x a 64-candidate one at 32 rows on a CPU).
+MIN_TOP_K_CAP = 64
 
 
-@functools.partial(jax.jit, static_argnames=("length",))
-def _shift_rows(x_RSH, shift, *, length: int):
-    """Each row moved `shift` positions along a cache of `length`; what wraps around is padding."""
-    size = max(length, x_RSH.shape[1])
-    return jnp.roll(jnp.pad(x_RSH, ((0, 0), (0, size - x_RSH.shape[1]), (0, 0))), shift, axis=1)[:, :length]
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _put_rows(x_RSH, new_RLH, rows_R, pos):
-    """New rows' windows [0, L) written at [pos - L, pos) of rows `rows_R` (an index past the batch: dropped)."""
-    S, L = x_RSH.shape[1], new_RLH.shape[1]
-    placed = jax.lax.dynamic_slice_in_dim(jnp.pad(new_RLH, ((0, 0), (S, S), (0, 0))), S + L - pos, S, axis=1)
-    return x_RSH.at[rows_R].set(placed.astype(x_RSH.dtype), mode="drop")
+def _buckets(of, limit: int) -> list[int]:
+    """The buckets `of(n)` gives for n = 1, 2, ... up to the one holding `limit`."""
+    out = [of(1)]
+    while out[-1] < of(limit):
+        out.append(of(out[-1] + 1))
+    return out
 
 
 class QueueFull(Exception):
@@ -121,7 +112,8 @@ class Slots:
         self.max_batch = 1 << (max_batch - 1).bit_length()  # a bucket itself
         self.max_queue = max_queue
         self.chunk = int(chunk or engine.chunk)
-        self.compilations = 0
+        self.compiled = [0, 0.0]  # XLA compilations in this process since now, and their seconds
+        jax.monitoring.register_event_duration_secs_listener(self._on_jax_event)
         stops = list(engine.default_stops if stop_tokens is None else map(int, stop_tokens))  # ids ending a request
         if len(stops) > STOP_SLOTS:
             raise UserError(f"at most {STOP_SLOTS} stop tokens, got {len(stops)}")
@@ -142,6 +134,11 @@ class Slots:
         self._recent = collections.deque()      # (time, tokens) of recent device calls, for tokens/s
         self._occupancy = [0.0, 0.0]            # sum over calls of live rows / batch rows, calls
         self._stale = False                     # a cancelled request's row still runs on the device
+        self.warm = {"programs": 0, "compiled": 0, "seconds": 0.0, "done": False}  # warm_up's progress
+        if engine.mesh is None:
+            self._placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            self._placement = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
 
     # -- requests ----------------------------------------------------------------------------------------------------
 
@@ -203,8 +200,13 @@ class Slots:
                     "tokens": self.counts["tokens"], "tokens_per_s": round(tokens / span, 1) if span else 0.0,
                     "batch_occupancy": round(self._occupancy[0] / self._occupancy[1], 3) if self._occupancy[1]
                     else 0.0, "decode_calls": self.counts["calls"], "turns": self.counts["turns"],
-                    "compilations": self.compilations + self.engine.compilations
-                    + sum(f._cache_size() for f in (_take_rows, _shift_rows, _put_rows))}
+                    "compilations": self.compiled[0], "compile_s": round(self.compiled[1], 2),
+                    "warm_up": dict(self.warm)}
+
+    def _on_jax_event(self, event: str, seconds: float, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compiled[0] += 1
+            self.compiled[1] += seconds
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -216,6 +218,7 @@ class Slots:
         return self
 
     def close(self):
+        jax.monitoring.unregister_event_duration_listener(self._on_jax_event)
         with self._cv:
             self._closed = True
             waiting = list(self._waiting)
@@ -258,7 +261,7 @@ class Slots:
                 state, pos = self._turn(state, pos)
                 if state is None:
                     continue
-                call = self._dispatch(self._hand_over(state))
+                call = self._dispatch(state)
             S = call[0].cache.k[0].shape[1]
             upcoming = None if self._want_turn(pos, S) else self._dispatch(call[0])
             _, tokens, masks, n, host = call
@@ -289,26 +292,38 @@ class Slots:
     def _dispatch(self, state: SlotState):
         """Queue a device call (Python's queued forced tokens are handed over at turns only: a call queued behind
         another continues from that one's state)."""
-        cap = top_k_cap(max([self._rows[i].top_k for i in self._live()] or [0]), self.cfg.vocab_size)
+        cap = self._cap(max([self._rows[i].top_k for i in self._live()] or [0]))
         self.counts["calls"] += 1
         return self._decode_jit(self.engine.params, state, self.stops, self.python_end, cap=cap)
 
-    def _hand_over(self, state: SlotState) -> SlotState:
-        """Forced tokens from the rows' queues; rows Python no longer runs (cancelled) are marked done."""
-        B = len(self._rows)
+    def _hand_over(self, cache: gpt.DecodeCache, f: dict, pos: int) -> SlotState:
+        """The turn's state on the device: forced tokens from the rows' queues, rows Python no longer runs (free or
+        cancelled) marked done."""
         self._stale = False
-        forced = np.zeros((B, FORCED_SLOTS), np.int32)
-        forced_len = np.zeros((B,), np.int32)
-        more, retire = np.zeros((B,), bool), np.zeros((B,), bool)
+        f["forced"][:], f["forced_len"][:], f["forced_pos"][:], f["more"][:] = 0, 0, 0, False
         for i, req in enumerate(self._rows):
             if req is None:
-                retire[i] = True
+                f["done"][i] = True
             elif req.row.queue:
                 n = min(len(req.row.queue), FORCED_SLOTS)
-                forced[i, :n], forced_len[i], more[i] = req.row.queue[:n], n, len(req.row.queue) > n
-        return state.replace(forced=jnp.asarray(forced), forced_len=jnp.asarray(forced_len),
-                             forced_pos=jnp.zeros((B,), jnp.int32), more=jnp.asarray(more),
-                             done=state.done | jnp.asarray(retire), host=jnp.bool_(False))
+                f["forced"][i, :n], f["forced_len"][i], f["more"][i] = req.row.queue[:n], n, len(req.row.queue) > n
+        return self._place(cache, f, pos)
+
+    def _place(self, cache: gpt.DecodeCache, f: dict, pos: int) -> SlotState:
+        """A SlotState from the cache and the numpy fields, every array committed to the device as a decode call
+        leaves them (jit compiles again for arrays that are not, so a turn would miss the programs warm_up built)."""
+        small = jax.device_put({**f, "pos": np.int32(pos), "host": np.bool_(False)}, self._placement)
+        k, v = self._committed((cache.k, cache.v))
+        return SlotState(cache=gpt.DecodeCache(k=k, v=v, pos=small.pop("pos"), start=small.pop("start")), **small)
+
+    def _committed(self, arrays):
+        """`arrays` committed to the engine's device (a prefill's outputs are not when the params are not); on a mesh
+        they are already placed by the batch rule."""
+        return arrays if self.engine.mesh is not None else jax.device_put(arrays, self._placement)
+
+    def _cap(self, top_k: int) -> int:
+        """The static top-k size of a call whose rows ask at most `top_k` (0: off; see MIN_TOP_K_CAP)."""
+        return top_k_cap(max(top_k, MIN_TOP_K_CAP), self.cfg.vocab_size)
 
     def _deliver(self, token_columns, mask_columns, live: list[int]):
         """Advance the requests of rows `live` over the columns (stops, limits, tool calls), hand each its new
@@ -361,7 +376,9 @@ class Slots:
     # -- a turn: rows leave and join -----------------------------------------------------------------------------
 
     def _turn(self, state: SlotState | None, pos: int):
-        """Between device calls: drop finished rows, admit waiting requests, resize and shift the batch.
+        """Between device calls: drop finished rows, admit waiting requests, resize and shift the batch, hand Python's
+        forced tokens over. The rows' small fields are edited in numpy and sent back in one transfer (eager jnp edits
+        compile a program per shape); the cache goes through nanojax.gpt's small programs, one per array shape.
         Returns (state, pos), state None when nothing runs."""
         self.counts["turns"] += 1
         with self._cv:
@@ -382,97 +399,158 @@ class Slots:
         B_old = len(self._rows)
         B = B_old if B_old // 2 < count <= B_old else 1 << (count - 1).bit_length()
         if state is None or not live:
-            state, pos = self._empty(np.int32(longest), rows=B, length=needed), longest
+            cache, f, pos = self._empty_cache(B, needed), self._empty_fields(B, longest), longest
             rows: list[Request | None] = [None] * B
-        elif B != B_old or longest != pos or needed > state.cache.k[0].shape[1]:
-            shift = longest - pos
-            if B != B_old:  # running rows to the front; B_old: an empty row
-                state = self._gather(state, np.array(live + [B_old] * (B - len(live)), np.int32))
-            if shift or needed != state.cache.k[0].shape[1]:
-                state = self._move(state, np.int32(shift), length=needed)
-            rows = [self._rows[i] for i in live] + [None] * (B - len(live)) if B != B_old else list(self._rows)
-            for r in rows:
-                if r is not None:
-                    r.start += shift
-            pos = longest
         else:
-            rows = list(self._rows)
-        free = [i for i, r in enumerate(rows) if r is None]
+            cache = state.cache
+            f = {name: np.array(x) for name, x in jax.device_get({**self._fields(state), "start": cache.start}).items()}
+            S = cache.k[0].shape[1]
+            if B != B_old or longest != pos or needed > S:
+                shift = longest - pos
+                if B != B_old:  # running rows to the front; B_old: an empty row
+                    cache, f = self._gather(cache, f, np.array(live + [B_old] * (B - len(live))), pos)
+                if shift or needed != S:
+                    cache = self._move(cache, shift, needed)
+                    f["start"] += shift
+                rows = [self._rows[i] for i in live] + [None] * (B - len(live)) if B != B_old else list(self._rows)
+                for r in rows:
+                    if r is not None:
+                        r.start += shift
+                pos = longest
+            else:
+                rows = list(self._rows)
+        free = [i for i, r in enumerate(rows) if r is None][:len(joiners)]
         with self._cv:
             self._rows = rows
             for i, req in zip(free, joiners):
                 rows[i] = req
                 req.start = pos - len(req.prompt)
         if joiners:
-            state = self._admit(state, pos, joiners, free[:len(joiners)])
-        return state, pos
+            cache = self._admit(cache, f, pos, joiners, free)
+        return self._hand_over(cache, f, pos), pos
 
-    def _admit(self, state: SlotState, pos: int, joiners: list[Request], rows: list[int]) -> SlotState:
-        S_max = self.cfg.max_seq_len
-        L = bucket(max(len(r.prompt) for r in joiners), S_max)
-        P = 1 << (len(joiners) - 1).bit_length()
-        prompts = np.zeros((P, L), np.int32)
-        start = np.full((P,), L - 1, np.int32)
-        for j, r in enumerate(joiners):
-            start[j] = L - len(r.prompt)
-            prompts[j, start[j]:] = r.prompt
-        pad = lambda values, fill, dtype: np.array(values + [fill] * (P - len(values)), dtype)  # noqa: E731
-        knobs = dict(seed=pad([r.seed for r in joiners], 0, np.uint32),
-                     temperature=pad([r.temperature for r in joiners], 0.0, np.float32),
-                     top_k=pad([r.top_k for r in joiners], 0, np.int32),
-                     top_p=pad([r.top_p for r in joiners], 1.0, np.float32),
-                     limit=pad([r.limit for r in joiners], 1, np.int32))
-        cap = top_k_cap(max(r.top_k for r in joiners), self.cfg.vocab_size)
-        k, v, first = self._prefill_jit(self.engine.params, prompts, start, knobs, cap=cap)
-        state = self._insert(state, k, v, np.int32(pos), first, pad(rows, len(self._rows), np.int32),
-                                 pad([pos - len(r.prompt) for r in joiners], pos, np.int32), knobs, self.stops)
+    def _admit(self, cache: gpt.DecodeCache, f: dict, pos: int, joiners: list[Request], rows: list[int]):
+        """Each joiner's prompt prefilled on its own (one program per prompt bucket) and written into its row; their
+        first tokens delivered."""
+        KV, firsts = self.cfg.n_kv_head, []
+        for req, row in zip(joiners, rows):
+            L = bucket(len(req.prompt), self.cfg.max_seq_len)
+            prompt = np.zeros((1, L), np.int32)
+            prompt[0, L - len(req.prompt):] = req.prompt
+            knobs = dict(seed=np.array([req.seed], np.uint32), temperature=np.array([req.temperature], np.float32),
+                         top_k=np.array([req.top_k], np.int32), top_p=np.array([req.top_p], np.float32))
+            k, v, first = self._prefill_jit(self.engine.params, prompt, np.array([L - len(req.prompt)], np.int32),
+                                            knobs, cap=self._cap(req.top_k))
+            k, v = self._committed((k, v))
+            rows_R = np.arange(row * KV, (row + 1) * KV, dtype=np.int32)
+            put = lambda x, new: gpt.put_rows(x, new, rows_R, np.int32(pos))  # noqa: E731
+            cache = cache.replace(k=tuple(map(put, cache.k, k)), v=tuple(map(put, cache.v, v)))
+            firsts.append(first)
+            for name in ("seed", "temperature", "top_k", "top_p"):
+                f[name][row] = knobs[name][0]
+            f["limit"][row], f["start"][row], f["step"][row] = req.limit, pos - len(req.prompt), 1
         column = [0] * len(self._rows)
-        for i, token in zip(rows, np.asarray(first)[:len(joiners)].tolist()):
-            column[i] = token
+        for row, req, first in zip(rows, joiners, firsts):
+            column[row] = f["token"][row] = int(np.asarray(first)[0])
+            f["done"][row] = column[row] in self.stop_set or req.limit <= 1
         self._deliver([column], [[1] * len(column)], rows)
-        return state
+        return self.engine._constrain_cache(cache)
 
-    # -- the jitted functions ----------------------------------------------------------------------------------------
+    # -- compiling ahead of requests ---------------------------------------------------------------------------------
 
-    # -- the state edits of a turn (eager, over the small jitted programs above) and the jitted prefill and decode --
+    def warm_up(self, max_len: int | None = None, *, top_k: int = MIN_TOP_K_CAP, threads: int = 1,
+                should_stop=lambda: False) -> int:
+        """Compile, before requests come, every program that serving conversations of up to `max_len` positions
+        (default: the context) with top_k <= `top_k` meets: the prefill of each prompt bucket, the decode loop of each
+        (rows, cache) bucket and the turns' cache edits of each shape, so that no request waits for a compilation
+        (seconds for the first two). One-row programs first (a lone chat needs them first), then two rows, four, ...;
+        `threads` compile at once (XLA compiles on the host's cores); `should_stop()` ends it early. self.warm shows
+        the progress. Returns the programs compiled."""
+        S_max, KV, hd = self.cfg.max_seq_len, self.cfg.n_kv_head, self.cfg.head_dim
+        max_len = min(max_len or S_max, S_max)
+        caches = _buckets(lambda n: cache_bucket(n, S_max), max_len)
+        prompts = _buckets(lambda n: bucket(n, S_max), max_len)
+        rows = [1 << i for i in range(self.max_batch.bit_length())]
+        cap = self._cap(top_k)
+        zeros = lambda *shape: jnp.zeros(shape, self.engine.dtype, device=self._placement)  # noqa: E731
+        index = lambda n: np.arange(n, dtype=np.int32)  # noqa: E731
+        jobs = [lambda L=L: self._compile_prefill(L, cap) for L in prompts]
+        for B in rows:  # the calls _turn, _admit, _gather and _move make, on arrays of the same kinds
+            jobs += [lambda B=B, S=S: self._compile_decode(B, S, cap) for S in caches]
+            jobs += [lambda B=B, S=S, L=L: gpt.put_rows(zeros(B * KV, S, hd), zeros(KV, L, hd), index(KV), np.int32(0))
+                     for S in caches for L in prompts]
+            jobs += [lambda B=B, S=S, b=b: gpt.take_rows(zeros(b * KV, S, hd), index(B * KV) % (b * KV))
+                     for S in caches for b in rows if b != B]
+            jobs += [lambda B=B, S=S, T=T: gpt.shift_rows(zeros(B * KV, S, hd), np.int32(0), length=T)
+                     for S in caches for T in caches]
+        t0 = time.monotonic()
+        self.warm = {"programs": len(jobs), "compiled": 0, "seconds": 0.0, "done": False}
 
-    def _empty(self, pos, *, rows: int, length: int) -> SlotState:
-        cache = gpt.init_decode_cache(self.cfg, rows, length, self.engine.dtype)
-        cache = self.engine._constrain_cache(cache.replace(pos=pos, start=jnp.full((rows,), pos, jnp.int32)))
-        z = jnp.zeros((rows,), jnp.int32)
-        return SlotState(cache=cache, token=z, step=z, done=jnp.ones((rows,), bool), limit=z,
-                         seed=jnp.zeros((rows,), jnp.uint32), temperature=jnp.zeros((rows,), jnp.float32), top_k=z,
-                         top_p=jnp.ones((rows,), jnp.float32), forced=jnp.zeros((rows, FORCED_SLOTS), jnp.int32),
-                         forced_len=z, forced_pos=z, more=jnp.zeros((rows,), bool), host=jnp.bool_(False))
+        def compile_one(job):
+            if not should_stop():
+                job()
+                self.warm["compiled"] += 1
+                self.warm["seconds"] = round(time.monotonic() - t0, 1)
 
-    def _gather(self, state: SlotState, order_B) -> SlotState:
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="nanojax-warm-up") as pool:
+            for done in [pool.submit(compile_one, job) for job in jobs]:
+                done.result()
+        self.warm["done"] = self.warm["compiled"] == len(jobs)
+        return self.warm["compiled"]
+
+    def _compile_decode(self, rows: int, length: int, cap: int):
+        """The decode program a turn calls for a batch of `rows` and a cache of `length` (the same arguments)."""
+        state = self._place(self._empty_cache(rows, length), self._empty_fields(rows, 0), 0)
+        self._decode_jit.lower(self.engine.params, state, self.stops, self.python_end, cap=cap).compile()
+
+    def _compile_prefill(self, length: int, cap: int):
+        """The prefill program _admit calls for a prompt in a bucket of `length` (the same argument types)."""
+        knobs = dict(seed=np.zeros((1,), np.uint32), temperature=np.zeros((1,), np.float32),
+                     top_k=np.zeros((1,), np.int32), top_p=np.ones((1,), np.float32))
+        self._prefill_jit.lower(self.engine.params, np.zeros((1, length), np.int32), np.zeros((1,), np.int32), knobs,
+                                cap=cap).compile()
+
+    # -- the state edits of a turn (numpy fields; the cache through nanojax.gpt's small programs); prefill, decode ---
+
+    def _fields(self, state: SlotState) -> dict:
+        return {name: getattr(state, name) for name in ("token", "step", "done", "limit", "seed", "temperature",
+                                                        "top_k", "top_p", "forced", "forced_len", "forced_pos", "more")}
+
+    def _empty_fields(self, rows: int, pos: int) -> dict:
+        """The numpy fields of `rows` empty rows (done) starting at pos, as _fields names them, and "start"."""
+        z = lambda dtype=np.int32: np.zeros((rows,), dtype)  # noqa: E731
+        return {"token": z(), "step": z(), "done": np.ones((rows,), bool), "limit": z(), "seed": z(np.uint32),
+                "temperature": z(np.float32), "top_k": z(), "top_p": np.ones((rows,), np.float32),
+                "forced": np.zeros((rows, FORCED_SLOTS), np.int32), "forced_len": z(), "forced_pos": z(),
+                "more": z(bool), "start": np.full((rows,), pos, np.int32)}
+
+    def _empty_cache(self, rows: int, length: int) -> gpt.DecodeCache:
+        shape = (rows * self.cfg.n_kv_head, length, self.cfg.head_dim)
+        zeros = lambda: jnp.zeros(shape, self.engine.dtype, device=self._placement)  # noqa: E731
+        return self.engine._constrain_cache(gpt.DecodeCache(k=tuple(zeros() for _ in range(self.cfg.depth)),
+                                                            v=tuple(zeros() for _ in range(self.cfg.depth)),
+                                                            pos=None, start=None))
+
+    def _gather(self, cache: gpt.DecodeCache, f: dict, order_B, pos: int):
         """Rows gathered by `order_B` into a batch of its length (an index past the old batch: an empty row, done)."""
-        B_old, KV = state.token.shape[0], self.cfg.n_kv_head
-        empty = order_B >= B_old
-        index = jnp.minimum(order_B, B_old - 1)
-        rows_R = (index[:, None] * KV + jnp.arange(KV)[None, :]).reshape(-1)
-        cache = state.cache
-        cache = gpt.DecodeCache(k=tuple(_take_rows(x, rows_R) for x in cache.k),
-                                v=tuple(_take_rows(x, rows_R) for x in cache.v),
-                                pos=cache.pos, start=jnp.where(empty, cache.pos, _take_rows(cache.start, index)))
-        fields = {f: _take_rows(getattr(state, f), index) for f in ("token", "step", "limit", "seed", "temperature", "top_k",
-                                                       "top_p", "forced", "forced_len", "forced_pos", "more")}
-        return SlotState(cache=self.engine._constrain_cache(cache), done=_take_rows(state.done, index) | empty,
-                         host=jnp.bool_(False), **fields)
+        B_old, KV = len(f["token"]), self.cfg.n_kv_head
+        empty, index = order_B >= B_old, np.minimum(order_B, B_old - 1)
+        rows_R = (index[:, None] * KV + np.arange(KV)).reshape(-1).astype(np.int32)
+        take = lambda x: gpt.take_rows(x, rows_R)  # noqa: E731
+        f = {name: x[index] for name, x in f.items()}
+        f["done"] |= empty
+        f["start"][empty] = pos
+        return self.engine._constrain_cache(cache.replace(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)))), f
 
-    def _move(self, state: SlotState, shift, *, length: int) -> SlotState:
+    def _move(self, cache: gpt.DecodeCache, shift: int, length: int) -> gpt.DecodeCache:
         """Every sequence moved `shift` positions along a cache of `length`. What wraps around is padding: nothing
         runs past pos or before a start (RoPE follows each row's own positions, so moving changes no result)."""
-        move = functools.partial(_shift_rows, shift=shift, length=length)
-        cache = state.cache
-        cache = cache.replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)), pos=cache.pos + shift,
-                              start=cache.start + shift)
-        return state.replace(cache=self.engine._constrain_cache(cache))
+        move = lambda x: gpt.shift_rows(x, np.int32(shift), length=length)  # noqa: E731  (as warm_up calls it)
+        return self.engine._constrain_cache(cache.replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v))))
 
     def _prefill(self, params, prompts_PL, start_P, knobs, *, cap):
         """The joiners' prompts (right-aligned in a bucket) through the model: their caches (P * KV, L, hd) and
         first tokens (sampled at step 0 of each seed, as engine.generate would)."""
-        self.compilations += 1
         P, L = prompts_PL.shape
         cache = gpt.init_decode_cache(self.cfg, P, L, self.engine.dtype).replace(start=start_P)
         logits, cache = self.engine._forward(params, prompts_PL, cache, last=L - 1)
@@ -480,28 +558,8 @@ class Slots:
         first = sample_rows(logits[:, 0], u, knobs["temperature"], knobs["top_k"], knobs["top_p"], cap)
         return cache.k, cache.v, first
 
-    def _insert(self, state: SlotState, k, v, pos, first_P, rows_P, start_P, knobs, stops) -> SlotState:
-        """Write the joiners' rows, their prompts ending at `pos` (row index past the batch: a padding joiner,
-        dropped)."""
-        KV = self.cfg.n_kv_head
-        rows_R = (rows_P[:, None] * KV + np.arange(KV)[None, :]).reshape(-1)
-        put = lambda x, new: _put_rows(x, new, rows_R, pos)  # noqa: E731
-        at = lambda x, new: x.at[rows_P].set(new, mode="drop")  # noqa: E731
-        P = rows_P.shape[0]
-        zeros = jnp.zeros((P,), jnp.int32)
-        cache = state.cache.replace(k=tuple(map(put, state.cache.k, k)), v=tuple(map(put, state.cache.v, v)),
-                                    start=at(state.cache.start, start_P))
-        return state.replace(
-            cache=self.engine._constrain_cache(cache), token=at(state.token, first_P),
-            step=at(state.step, zeros + 1), done=at(state.done, jnp.isin(first_P, stops) | (knobs["limit"] <= 1)),
-            limit=at(state.limit, knobs["limit"]), seed=at(state.seed, knobs["seed"]),
-            temperature=at(state.temperature, knobs["temperature"]), top_k=at(state.top_k, knobs["top_k"]),
-            top_p=at(state.top_p, knobs["top_p"]), forced_len=at(state.forced_len, zeros),
-            forced_pos=at(state.forced_pos, zeros), more=at(state.more, zeros > 0))
-
     def _decode(self, params, state: SlotState, stops, python_end, *, cap):
         """engine._decode with per-row sampling knobs, seeds and step counts."""
-        self.compilations += 1
         B, T = state.token.shape[0], self.chunk
         n_steps = jnp.minimum(T, state.cache.k[0].shape[1] - state.cache.pos)
         steps_BT = state.step[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]

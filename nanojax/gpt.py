@@ -377,6 +377,30 @@ def init_decode_cache(cfg: GPTConfig, batch: int, length: int, dtype) -> DecodeC
                        pos=jnp.int32(0), start=jnp.zeros((batch,), jnp.int32))
 
 
+# Cache edits between decode calls (nanojax.batching's turns), one small program per array shape, shared by every
+# layer's k and v: cheap to compile, where a program over the whole cache compiles per combination of row, cache and
+# prompt buckets (seconds each).
+
+@jax.jit
+def take_rows(x, index):
+    return x[index]
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def shift_rows(x_RSH, shift, *, length: int):
+    """Each row moved `shift` positions along a cache of `length`; what wraps around is padding."""
+    size = max(length, x_RSH.shape[1])
+    return jnp.roll(jnp.pad(x_RSH, ((0, 0), (0, size - x_RSH.shape[1]), (0, 0))), shift, axis=1)[:, :length]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def put_rows(x_RSH, new_RLH, rows_R, pos):
+    """New rows' windows [0, L) written at [pos - L, pos) of rows `rows_R` (an index past the batch: dropped)."""
+    S, L = x_RSH.shape[1], new_RLH.shape[1]
+    placed = jax.lax.dynamic_slice_in_dim(jnp.pad(new_RLH, ((0, 0), (S, S), (0, 0))), S + L - pos, S, axis=1)
+    return x_RSH.at[rows_R].set(placed.astype(x_RSH.dtype), mode="drop")
+
+
 def decode_params(params, cfg: GPTConfig) -> dict:
     """{"wte", "lm_head", "layers": (layer 0's dict, ...), "rope": (cos, sin)} from the stacked parameter dict, with
     q, k and v joined into one matrix "attn_qkv" (one matmul instead of three: small matmuls cost mostly their launch

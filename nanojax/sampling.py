@@ -134,12 +134,16 @@ def sample_rows(logits_BV, u_B, temperature_B, top_k_B, top_p_B, cap: int | None
         return jax.lax.cond(jnp.any(sampling & (top_k_B == 0) & (top_p_B < 1)),
                             lambda x: jnp.where(top_p_B < 1, sorted_nucleus(x), plain), lambda x: plain, x)
 
-    if cap is None:
-        sampled = whole_vocabulary(x)
-    else:
+    def top_k_rows(x):
         values, index = top_k_by_columns(x, cap)
         probs = nucleus(jax.nn.softmax(jnp.where(jnp.arange(cap) < top_k_B[:, None], values, -jnp.inf), axis=-1))
-        top = jnp.take_along_axis(index, inverse_cdf(probs)[:, None], axis=-1)[:, 0]
+        return jnp.take_along_axis(index, inverse_cdf(probs)[:, None], axis=-1)[:, 0]
+
+    if cap is None:
+        sampled = whole_vocabulary(x)
+    else:  # each path only when some sampling row takes it, so one program serves every mix of settings
+        top = jax.lax.cond(jnp.any(sampling & (top_k_B > 0)), top_k_rows, lambda x: jnp.zeros(x.shape[:1], jnp.int32),
+                           x)
         rest = jax.lax.cond(jnp.any(sampling & (top_k_B == 0)), whole_vocabulary, lambda x: top, x)
         sampled = jnp.where(top_k_B > 0, top, rest)
     greedy = jax.lax.cond(jnp.any(~sampling), first_argmax, lambda x: jnp.zeros(x.shape[:1], jnp.int32), logits)

@@ -4,6 +4,10 @@ reply decoded in the same batch (continuous batching, nanojax.batching).
     python -m serve.app -i sft                         # http://127.0.0.1:8000/
     python -m serve.app -i sft --port 8080 --host 0.0.0.0 --max-batch 64 --cors-origin https://example.org
 
+At start-up a background thread compiles the decode and prefill programs of every batch and length bucket up to
+--warmup positions (one-user programs first); until it ends, a request meeting a program not yet built waits for its
+compilation (seconds). /health and /stats show its progress.
+
 Routes:
   GET  /                      the chat page (serve/ui.html); GET /logo.svg
   POST /chat/completions      nanochat's protocol: {"messages": [...], "temperature", "top_k", "max_tokens"} ->
@@ -21,8 +25,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,7 +126,7 @@ class ChatServer:
     """One loaded model, its engine's slots, and the request handlers (Starlette's, see `app`)."""
 
     def __init__(self, engine, tokenizer, *, model_id: str, max_batch: int = 32, max_queue: int = 64,
-                 defaults: dict | None = None, cors_origins=(), info: dict | None = None):
+                 defaults: dict | None = None, cors_origins=(), info: dict | None = None, warmup: int = 0):
         from nanojax.batching import Slots
 
         self.engine, self.tok, self.model_id = engine, tokenizer, model_id
@@ -131,6 +137,8 @@ class ChatServer:
         self.streams = 0
         self.http = {"bad_requests": 0, "too_busy": 0, "completed": 0, "disconnected": 0}
         self.cors_origins = list(cors_origins)
+        self.warmup = warmup  # positions whose programs the start-up compiles (0: none)
+        self.closing = False
 
     # -- requests into prompts -----------------------------------------------------------------------------------
 
@@ -311,7 +319,7 @@ class ChatServer:
         from starlette.responses import JSONResponse
         stats = self.slots.stats()
         return JSONResponse({"status": "ok", "ready": True, "model": self.model_id, "free_slots": stats["free_slots"],
-                             "waiting": stats["waiting"]})
+                             "waiting": stats["waiting"], "warm_up": stats["warm_up"]})
 
     async def stats(self, request):
         from starlette.responses import JSONResponse
@@ -326,6 +334,15 @@ class ChatServer:
         from starlette.responses import Response
         return Response((HERE / "logo.svg").read_bytes(), media_type="image/svg+xml")
 
+    def warm_up(self):
+        """Compile the programs of the buckets up to self.warmup positions (nanojax.batching.Slots.warm_up), with a
+        quarter of the host's cores (XLA compiles on them; on two cores, one, leaving one to serve)."""
+        t0 = time.monotonic()
+        n = self.slots.warm_up(self.warmup, top_k=max(1, self.defaults["top_k"]),
+                               threads=max(1, (os.cpu_count() or 1) // 4), should_stop=lambda: self.closing)
+        log.info("warm-up: %d programs compiled in %.1f s (buckets up to %d positions)", n, time.monotonic() - t0,
+                 self.warmup)
+
     def app(self):
         """The Starlette application; the slots' thread runs while it does."""
         import contextlib
@@ -338,9 +355,12 @@ class ChatServer:
         @contextlib.asynccontextmanager
         async def lifespan(app):
             self.slots.start()
+            if self.warmup:
+                threading.Thread(target=self.warm_up, name="nanojax-warm-up", daemon=True).start()
             try:
                 yield
             finally:
+                self.closing = True
                 self.slots.close()
 
         routes = [Route("/", self.page), Route("/logo.svg", self.logo),
@@ -373,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="default when a request names none")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (rounded up to a power of 2)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before a 429")
+    p.add_argument("--warmup", type=int, default=512, metavar="POSITIONS",
+                   help="at start-up, compile the programs of conversations up to this many tokens, in the "
+                        "background (0: none; a request meeting a program not yet built waits for it)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow cross-origin requests from ORIGIN (repeatable); off by default")
     return p
@@ -391,6 +414,8 @@ def check_args(args):
         raise UserError(f"--max-batch {args.max_batch}: must be in [1, 1024]")
     if args.max_queue < 0:
         raise UserError(f"--max-queue {args.max_queue}: must be >= 0")
+    if args.warmup < 0:
+        raise UserError(f"--warmup {args.warmup}: must be >= 0 (0: no warm-up)")
 
 
 def server_for(args) -> ChatServer:
@@ -400,7 +425,7 @@ def server_for(args) -> ChatServer:
     return ChatServer(model.engine, model.tokenizer, model_id=f"nanojax-{model.stage}-{model.tag}",
                       max_batch=args.max_batch, max_queue=args.max_queue, cors_origins=args.cors_origin,
                       defaults={"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens},
-                      info={"source": model.stage, "tag": model.tag, "step": model.step})
+                      info={"source": model.stage, "tag": model.tag, "step": model.step}, warmup=args.warmup)
 
 
 @cli

@@ -87,7 +87,8 @@ def test_other_routes(client, server):
     assert logo.headers["content-type"] == "image/svg+xml" and logo.text.startswith("<svg")
     assert client.get("/v1/models").json()["data"][0]["id"] == "nanojax-test"
     assert client.get("/health").json() == {"status": "ok", "ready": True, "model": "nanojax-test", "free_slots": 4,
-                                            "waiting": 0}
+                                            "waiting": 0, "warm_up": {"programs": 0, "compiled": 0, "seconds": 0.0,
+                                                                      "done": False}}
     stats = client.get("/stats").json()
     assert stats["active_streams"] == 0 and stats["engine"]["active"] == 0 and stats["engine"]["requests"] >= 0
     assert {"tokens_per_s", "batch_occupancy", "waiting", "free_slots"} <= set(stats["engine"])
@@ -323,8 +324,9 @@ def test_serve_app_on_a_checkpoint_in_a_subprocess(base_dir):
     save_checkpoint(base_dir, tokenizer, "sft")
     port = free_port()
     env = {**os.environ, "NANOJAX_BASE_DIR": str(base_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "serve.app", "-i", "sft", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "serve.app", "-i", "sft", "--port", str(port), "--max-batch", "2",
+                             "--warmup", "32"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):  # bounded: 120 s
@@ -334,6 +336,13 @@ def test_serve_app_on_a_checkpoint_in_a_subprocess(base_dir):
             except httpx.TransportError:
                 time.sleep(0.2)
             assert proc.poll() is None, proc.stdout.read()
+        for _ in range(600):  # the start-up compiles for prompt buckets 16, 32, cache bucket 128, rows 1 and 2
+            warm = httpx.get(url + "/health").json()["warm_up"]
+            if warm["done"]:
+                break
+            time.sleep(0.2)
+        # prefills, and per row bucket: decode, a write per prompt bucket, a gather from the other bucket, a shift
+        assert (warm["programs"], warm["compiled"]) == (2 + 2 * (1 + 2 + 1 + 1), 12)
         r = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=5, temperature=0), timeout=120)
         body = r.json()
         assert r.status_code == 200 and body["model"] == "nanojax-sft-d2"

@@ -71,27 +71,35 @@ def test_cancelled_requests_free_their_rows_and_others_go_on(engines):
     assert waiting.finish_reason == "cancelled" and slots.stats()["waiting"] == 0
 
 
-@pytest.mark.slow  # warms four batch and top-k combinations first
-def test_no_recompilation_per_request_and_a_bounded_queue(engines):
-    engine = engines["gqa"]
+@pytest.mark.slow  # compiles 18 programs ahead
+def test_warm_up_compiles_every_program_so_requests_compile_nothing_and_a_bounded_queue(engines):
+    """warm_up compiles the prefill of each prompt bucket, the decode loop of each (rows, cache) bucket and the turns'
+    cache edits; requests within them (top-k up to 64 or off, greedy, top-p; one or two rows joining and leaving;
+    prompts of three buckets) then make XLA compile nothing at all."""
+    engine = engines["gqa"]  # context 128: rows 1 and 2, prompt buckets 16-128, one cache bucket (128)
     slots = Slots(engine, max_batch=2, max_queue=3, stop_tokens=[])
+    # prefills + per row bucket: decode, writes of each prompt bucket, a gather from the other row bucket, a shift
+    assert slots.warm_up() == 4 + 2 * (1 + 4 + 1 + 1)
+    warm = slots.stats()["warm_up"]
+    assert (warm["programs"], warm["compiled"], warm["done"]) == (18, 18, True)
+    compiles = slots.stats()["compilations"]
 
     def pair(i):  # a top-k row and a greedy/top-p row; either may outlive the other (batch 2, then 1)
-        slots.submit(prompt_of(17 + 2 * i, i), max_tokens=5 + i, temperature=0.9, top_k=33 + i, seed=i)
-        slots.submit(prompt_of(20, i), max_tokens=7, temperature=0.0, top_p=0.5 + i / 20, seed=i)
+        slots.submit(prompt_of(17 + 9 * i, i), max_tokens=5 + i, temperature=0.9, top_k=33 + 10 * i, seed=i)
+        slots.submit(prompt_of(10 + i, i), max_tokens=7, temperature=0.0, top_p=0.5 + i / 20, seed=i)
         slots.run_until_idle()
-    pair(0), pair(4)  # warm: batches 2 and 1, prompt bucket 32, cache bucket 128, top-k 64 and off
-    compiles = slots.stats()["compilations"]
-    for i in (1, 2, 3, 5):
+    for i in range(4):
         pair(i)
-    assert slots.stats()["compilations"] == compiles, "a request within the buckets recompiled"
+    slots.submit(prompt_of(3), max_tokens=3, temperature=1.0, seed=9)  # alone, top-k off
+    slots.run_until_idle()
+    assert slots.stats()["compilations"] == compiles, "a request within the warmed buckets compiled a program"
     for i in range(5):  # 2 rows may be taken by the loop at once; here nothing runs: 2 free rows + 3 queued
         slots.submit(prompt_of(5), max_tokens=2)
     with pytest.raises(QueueFull):
         slots.submit(prompt_of(5), max_tokens=2)
     assert slots.stats()["rejected"] == 1
     slots.run_until_idle()
-    assert slots.stats()["finished"]["length"] == 12 + 5
+    assert slots.stats()["finished"]["length"] == 9 + 5
 
 
 def test_stops_and_calculator_calls_per_row(scripted, tok):
