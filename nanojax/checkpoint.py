@@ -340,13 +340,17 @@ def _restore_tree(step_path: Path, item: str, target):
 
 
 def restore_params(step_path: Path, model_cfg, mesh=None):
-    """The params of a checkpoint, laid out for `mesh` (a Mesh or a --mesh spec; default: one device)."""
+    """The params of a checkpoint, laid out for `mesh` (a Mesh or a --mesh spec; default: one device, without a mesh,
+    as arrays made on that device are: jit then compiles one program for both)."""
     from nanojax import gpt
     from nanojax import mesh as meshlib
 
-    if mesh is None or isinstance(mesh, (str, int)):
-        mesh = meshlib.make_mesh(str(mesh or "1"))
     abstract = gpt.abstract_params(model_cfg)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return _restore_tree(step_path, "params", _targets(abstract, jax.tree.map(lambda _: device, abstract)))
+    if isinstance(mesh, (str, int)):
+        mesh = meshlib.make_mesh(str(mesh))
     shardings = meshlib.shardings(gpt.param_axes(model_cfg), mesh, abstract)
     return _restore_tree(step_path, "params", _targets(abstract, shardings))
 

@@ -179,9 +179,10 @@ def _load_step(stage: str, tag: str, step: int, mesh) -> Model:
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
         from nanojax import mesh as meshlib
         mesh = meshlib.make_mesh(str(mesh))
+    mesh = mesh if mesh is not None and mesh.size > 1 else None  # one device: no mesh (restore_params)
     params = restore_params(path, cfg, mesh)
     return Model(stage=stage, tag=tag, step=step, path=path, config=cfg, params=params, tokenizer=tokenizer,
-                 meta=meta, mesh=mesh if mesh is not None and mesh.size > 1 else None)
+                 meta=meta, mesh=mesh)
 
 
 def list_checkpoints(stage: str | None = None) -> list[dict]:

@@ -343,11 +343,15 @@ def test_serve_app_on_a_checkpoint_in_a_subprocess(base_dir):
             time.sleep(0.2)
         # prefills, and per row bucket: decode, a write per prompt bucket, a gather from the other bucket, a shift
         assert (warm["programs"], warm["compiled"]) == (2 + 2 * (1 + 2 + 1 + 1), 12)
+        compiled = httpx.get(url + "/stats").json()["engine"]["compilations"]
         r = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=5, temperature=0), timeout=120)
         body = r.json()
         assert r.status_code == 200 and body["model"] == "nanojax-sft-d2"
         assert 0 <= body["usage"]["completion_tokens"] <= 5
-        assert httpx.get(url + "/stats").json()["step"] == 3
+        stats = httpx.get(url + "/stats").json()
+        assert stats["step"] == 3
+        # the checkpoint's params as Orbax restored them: the request ran on the programs the warm-up built
+        assert stats["engine"]["compilations"] == compiled
     finally:
         proc.terminate()
         proc.wait(timeout=30)
