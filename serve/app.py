@@ -435,7 +435,11 @@ def main(argv=None):
     server = server_for(args)
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()  # not basicConfig: a library (absl, via Orbax) may have set up the root logger
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     print(f"serving {server.model_id} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
     return 0

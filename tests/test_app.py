@@ -5,6 +5,7 @@ is none). The model is scripted (tests/test_engine.py's ScriptedEngine): whateve
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -355,4 +356,6 @@ def test_serve_app_on_a_checkpoint_in_a_subprocess(base_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert "serving nanojax-sft-d2 at http://127.0.0.1:" in proc.stdout.read()
+    out = proc.stdout.read()
+    assert "serving nanojax-sft-d2 at http://127.0.0.1:" in out and "warm-up: 12 programs compiled" in out
+    assert re.search(r"request \d+: \d+ prompt tokens, \d+ generated, (stop|length), ", out), out  # no text of it
