@@ -18,14 +18,15 @@ How it runs (the engine's layout, nanojax.engine, with rows that are different r
     a row cancelled, the batch small enough for a smaller bucket, the cache full, or a tool call to run.
   - A turn: the rows still running are kept (in place, or gathered to the front when the batch bucket changes); the
     cache is shifted left to the oldest running row's start (so attention reads at most the longest sequence, rounded
-    up to a cache bucket) or right when a joining prompt is longer than `pos`; joiners are prefilled together
-    (right-aligned in a prompt bucket), their first tokens sampled, and their rows written in.
+    up to a cache bucket) or right when a joining prompt is longer than `pos`; each joiner is prefilled on its own
+    (right-aligned in a prompt bucket), its first token sampled, and its row written in. The rows' small fields are
+    edited in numpy and sent back in one transfer.
   - Shapes come in buckets: rows a power of two up to max_batch, prompts and caches as in the engine, top-k size a
     power of two from 64. The decode loop compiles once per (rows, cache, top-k) bucket and the prefill once per
-    (joiners, prompt, top-k) bucket, never per request; a turn's cache edits are small programs per array shape,
-    shared by every layer. `warm_up(max_len)` compiles the decode and prefill programs of every bucket up to max_len
-    positions before requests come (the server does it at start-up); `stats()["compilations"]` counts every XLA
-    compilation in the process since the slots were made (jax.monitoring), so a request that waited for one shows.
+    (prompt, top-k) bucket, never per request; a turn's cache edits are small programs per array shape, shared by
+    every layer. `warm_up(max_len)` compiles all of them for conversations up to max_len positions before requests
+    come (the server does it at start-up); `stats()["compilations"]` counts every XLA compilation in the process
+    since the slots were made (jax.monitoring), so a request that waited for one shows.
   - Past max_queue waiting requests, submit raises QueueFull (the server answers 429).
 """
 from __future__ import annotations
@@ -483,14 +484,15 @@ class Slots:
                      for S in caches for b in rows if b != B]
             jobs += [lambda B=B, S=S, T=T: gpt.shift_rows(zeros(B * KV, S, hd), np.int32(0), length=T)
                      for S in caches for T in caches]
-        t0 = time.monotonic()
+        t0, lock = time.monotonic(), threading.Lock()
         self.warm = {"programs": len(jobs), "compiled": 0, "seconds": 0.0, "done": False}
 
         def compile_one(job):
             if not should_stop():
                 job()
-                self.warm["compiled"] += 1
-                self.warm["seconds"] = round(time.monotonic() - t0, 1)
+                with lock:
+                    self.warm["compiled"] += 1
+                    self.warm["seconds"] = round(time.monotonic() - t0, 1)
 
         with concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="nanojax-warm-up") as pool:
             for done in [pool.submit(compile_one, job) for job in jobs]:
