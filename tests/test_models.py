@@ -93,8 +93,12 @@ def test_generate_with_the_real_engine_is_greedy_decoding(saved):
     m = nanojax.load("base")
     ids = m.tokenizer.encode("doc 5: the", prepend=m.tokenizer.bos_id)
     seq, stops = list(ids), {m.tokenizer.bos_id, m.tokenizer.encode_special("<|assistant_end|>")}
+    # One compiled forward of a fixed width: the model is causal, so the padding after the sequence changes nothing
+    # before it (a growing sequence would compile a new forward per token).
+    forward, width = jax.jit(lambda p, t: gpt.forward(p, t, m.config)), len(ids) + 4
     for _ in range(4):
-        token = int(jnp.argmax(gpt.forward(m.params, jnp.asarray([seq]), m.config)[0, -1]))
+        padded = jnp.asarray([seq + [0] * (width - len(seq))])
+        token = int(jnp.argmax(forward(m.params, padded)[0, len(seq) - 1]))
         if token in stops:
             break
         seq.append(token)
