@@ -256,17 +256,34 @@ def _two_processes(base, cache, corpus, run, *extra, on_step=None):
     return [p.returncode for p in procs], "".join(lines) + rest[0], rest[1]
 
 
+def _saved_state(step_path: Path):
+    """A checkpoint's params and optimizer state (restored here, on 8 devices, as numpy) and its data state."""
+    from nanojax.config import TrainConfig
+    from nanojax.train import build_step
+    parts = build_step(CFG, TrainConfig(depth=2, max_seq_len=64), meshlib.make_mesh("8"), jnp.float32)
+    trees = [checkpoint._restore_tree(step_path, item, checkpoint._targets(abstract, sh))
+             for item, abstract, sh in (("params", parts.abstract, parts.param_sh),
+                                        ("opt_state", parts.opt_abstract, parts.opt_sh))]
+    return jax.tree.map(np.asarray, trees), checkpoint._read_json_item(step_path, "data_state")
+
+
 @pytest.mark.slow
 def test_two_processes_keep_their_own_data_position(tmp_path, trained_tokenizer, compile_cache, big_val_corpus):
     """Each process's loader state is saved and restored as its own; a SIGTERM that reaches only one process still
-    stops both at the same step with one checkpoint; the resumed run equals an uninterrupted one."""
+    stops both at the same step with one checkpoint; the resumed run equals an uninterrupted one.
+    Two runs of two processes, not three (each pays a compilation: only process 0 writes the compile cache): the
+    uninterrupted run saves every step, so the checkpoint the SIGTERM leaves is compared with the uninterrupted run's
+    at the same step, params, optimizer state and both loader states, instead of resuming from it once more."""
     ref_base = _new_base(tmp_path / "ref", trained_tokenizer)
-    codes, out, out1 = _two_processes(ref_base, compile_cache, big_val_corpus, "ref")
+    codes, out, out1 = _two_processes(ref_base, compile_cache, big_val_corpus, "ref", "--save-every", "1",
+                                      "--keep", "10")
     assert codes == [0, 0], out + out1
+    assert checkpoint.complete_steps(_ckpt_dir(ref_base)) == list(range(1, 9))
     data = checkpoint._read_json_item(_ckpt_dir(ref_base) / "6", "data_state")
     assert data["num_processes"] == 2 and data["processes"][0] != data["processes"][1]
     assert {s["group"] % 2 for s in data["processes"]} == {0, 1}  # each on its own slice of row groups
 
+    # Resumed from the uninterrupted run's step 3 (both loader states restored), SIGTERM to process 1 only.
     base = _new_base(tmp_path / "stopped", trained_tokenizer)
     shutil.copytree(_ckpt_dir(ref_base) / "3", _ckpt_dir(base) / "3")
     term = lambda step, procs: step == 5 and procs[1].send_signal(signal.SIGTERM)  # noqa: E731
@@ -274,9 +291,15 @@ def test_two_processes_keep_their_own_data_position(tmp_path, trained_tokenizer,
     assert codes == [0, 0], out + out1
     stopped = checkpoint.complete_steps(_ckpt_dir(base))[-1]
     assert 5 <= stopped < 8 and "stopped by a signal to another process" in out
-    codes, out, out1 = _two_processes(base, compile_cache, big_val_corpus, "run", "--resume")
-    assert codes == [0, 0], out + out1
-    assert _losses(_records(base, "run")) == {s: v for s, v in _losses(_records(ref_base, "ref")).items() if s > 3}
+    ref_losses = _losses(_records(ref_base, "ref"))
+    assert _losses(_records(base, "run")) == {s: v for s, v in ref_losses.items() if 3 < s <= stopped}
+    # What a resume from the SIGTERM's checkpoint starts from is exactly what the uninterrupted run had at that step.
+    (params, opt_state), data = _saved_state(_ckpt_dir(base) / str(stopped))
+    (ref_params, ref_opt_state), ref_data = _saved_state(_ckpt_dir(ref_base) / str(stopped))
+    assert data == ref_data and data["num_processes"] == 2
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    jax.tree.map(np.testing.assert_array_equal, opt_state, ref_opt_state)
+    assert not checkpoint.read_meta(_ckpt_dir(base) / str(stopped))["final"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
