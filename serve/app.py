@@ -4,9 +4,9 @@ reply decoded in the same batch (continuous batching, nanojax.batching).
     python -m serve.app -i sft                         # http://127.0.0.1:8000/
     python -m serve.app -i sft --port 8080 --host 0.0.0.0 --max-batch 64 --cors-origin https://example.org
 
-At start-up a background thread compiles the decode and prefill programs of every batch and length bucket up to
---warmup positions (one-user programs first); until it ends, a request meeting a program not yet built waits for its
-compilation (seconds). /health and /stats show its progress.
+At start-up a background thread compiles every program that conversations of up to --warmup positions meet (prefill,
+decode and the cache edits between them, for each batch and length bucket; one-user programs first); until it ends, a
+request meeting a program not yet built waits for its compilation (seconds). /health and /stats show its progress.
 
 Routes:
   GET  /                      the chat page (serve/ui.html); GET /logo.svg
