@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import threading
 import time
@@ -515,8 +516,8 @@ class Slots:
     # -- the state edits of a turn (numpy fields; the cache through nanojax.gpt's small programs); prefill, decode ---
 
     def _fields(self, state: SlotState) -> dict:
-        return {name: getattr(state, name) for name in ("token", "step", "done", "limit", "seed", "temperature",
-                                                        "top_k", "top_p", "forced", "forced_len", "forced_pos", "more")}
+        """The rows' small fields (all but the cache and the host flag), as a turn edits them in numpy."""
+        return {f.name: getattr(state, f.name) for f in dataclasses.fields(SlotState) if f.name not in ("cache", "host")}
 
     def _empty_fields(self, rows: int, pos: int) -> dict:
         """The numpy fields of `rows` empty rows (done) starting at pos, as _fields names them, and "start"."""
@@ -527,11 +528,8 @@ class Slots:
                 "more": z(bool), "start": np.full((rows,), pos, np.int32)}
 
     def _empty_cache(self, rows: int, length: int) -> gpt.DecodeCache:
-        shape = (rows * self.cfg.n_kv_head, length, self.cfg.head_dim)
-        zeros = lambda: jnp.zeros(shape, self.engine.dtype, device=self._placement)  # noqa: E731
-        return self.engine._constrain_cache(gpt.DecodeCache(k=tuple(zeros() for _ in range(self.cfg.depth)),
-                                                            v=tuple(zeros() for _ in range(self.cfg.depth)),
-                                                            pos=None, start=None))
+        cache = gpt.init_decode_cache(self.cfg, rows, length, self.engine.dtype, device=self._placement)
+        return self.engine._constrain_cache(cache)  # (pos and start: _place sets them)
 
     def _gather(self, cache: gpt.DecodeCache, f: dict, order_B, pos: int):
         """Rows gathered by `order_B` into a batch of its length (an index past the old batch: an empty row, done)."""

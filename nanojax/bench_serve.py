@@ -3,8 +3,8 @@
 A random-init model (bench decode's shapes) is saved as an sft checkpoint, with a tokenizer trained on the demo
 corpus, in a temporary base directory; `python -m serve.app` serves it in a subprocess (nanojax imports nothing from
 serve/), and this process is the clients (httpx, asyncio, the OpenAI streaming protocol). The measures start once the
-server's start-up warm-up (the programs of conversations up to new_tokens + 64 positions) has ended and rounds of the
-same load compile nothing new (the turns' small cache edits compile on first use). Measured:
+server's start-up warm-up (every program of conversations up to new_tokens + 64 positions) has ended and a round of
+the same load compiles nothing new (`warmup_rounds`: 1 when the warm-up covered it all). Measured:
   - 32 concurrent streaming clients: all complete; aggregate completion tokens/s (first request sent to last token
     received, prefill and joins included) against `bench decode --batch 32` in this same run;
   - one client alone: tokens/s from its request to its last token, against `bench decode --batch 1`'s from its
