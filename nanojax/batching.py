@@ -18,12 +18,12 @@ How it runs (the engine's layout, nanojax.engine, with rows that are different r
     a row cancelled, the batch small enough for a smaller bucket, the cache full, or a tool call to run.
   - A turn: the rows still running are kept (in place, or gathered to the front when the batch bucket changes); the
     cache is shifted left to the oldest running row's start (so attention reads at most the longest sequence, rounded
-    up to a cache bucket) or right when a joining prompt is longer than `pos`; each joiner is prefilled on its own
-    (right-aligned in a prompt bucket), its first token sampled, and its row written in. The rows' small fields are
-    edited in numpy and sent back in one transfer.
+    up to a cache bucket) or right when a joining prompt is longer than `pos`; the joiners are prefilled in groups of 1,
+    4, 16, ... rows (each prompt right-aligned in the group's prompt bucket), their first tokens sampled, and each
+    one's cache written into its row. The rows' small fields are edited in numpy and sent back in one transfer.
   - Shapes come in buckets: rows a power of two up to max_batch, prompts and caches as in the engine, top-k size a
     power of two from 64. The decode loop compiles once per (rows, cache, top-k) bucket and the prefill once per
-    (prompt, top-k) bucket, never per request; a turn's cache edits are small programs per array shape, shared by
+    (group, prompt, top-k) bucket, never per request; a turn's cache edits are small programs per array shape, shared by
     every layer. `warm_up(max_len)` compiles all of them for conversations up to max_len positions before requests
     come (the server does it at start-up); `stats()["compilations"]` counts every XLA compilation in the process
     since the slots were made (jax.monitoring), so a request that waited for one shows.
@@ -34,54 +34,43 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import threading
 import time
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanojax import gpt
+from nanojax import gpt, slot_programs
 from nanojax.common import UserError
-from nanojax.engine import (FORCED_SLOTS, STOP_SLOTS, Engine, _Row, advance_rows, bucket, cache_bucket,
+from nanojax.engine import (FORCED_SLOTS, STOP_SLOTS, Engine, _Row, bucket, buckets_upto, cache_bucket,
                             decode_compiler_options)
-from nanojax.sampling import row_uniforms, sample_rows, top_k_cap
+from nanojax.sampling import top_k_cap
+from nanojax.slot_programs import SlotState
 
 # Rows asking top_k <= 64 (or none) share the top-k size 64, so the usual mix of settings needs one program per shape
 # (a 256-candidate TopK costs ~3x a 64-candidate one at 32 rows on a CPU).
 MIN_TOP_K_CAP = 64
+# While a row is free, a device call takes the steps that last about this long at its batch size (measured), so a
+# request arriving mid-call waits little for a turn; a full batch takes whole chunks (nobody can join it).
+ADMIT_S = 0.05
 
 
-def _buckets(of, limit: int) -> list[int]:
-    """The buckets `of(n)` gives for n = 1, 2, ... up to the one holding `limit`."""
-    out = [of(1)]
-    while out[-1] < of(limit):
-        out.append(of(out[-1] + 1))
+def prefill_groups(joiners: int, sizes: list[int]) -> list[int]:
+    """Prefill group sizes for `joiners` (sizes 1, 4, 16, ...): the smallest that holds the rest if at most half of it
+    is padding, else the largest they fill (a group reads the weights once; few sizes keep the programs few)."""
+    out = []
+    while joiners > 0:
+        fits = [P for P in sizes if joiners <= P <= 2 * joiners]
+        out.append(fits[0] if fits else max(P for P in sizes if P <= joiners))
+        joiners -= out[-1]
     return out
 
 
 class QueueFull(Exception):
     """Every row is busy and max_queue requests already wait."""
-
-
-@flax.struct.dataclass
-class SlotState:
-    cache: gpt.DecodeCache
-    token: jax.Array        # (B,) int32: the last emitted token, fed at the next step
-    step: jax.Array         # (B,) int32: tokens emitted so far by the row's request
-    done: jax.Array         # (B,) bool: finished, cancelled or empty
-    limit: jax.Array        # (B,) int32: done after this many tokens
-    seed: jax.Array         # (B,) uint32: the request's seed
-    temperature: jax.Array  # (B,) float32
-    top_k: jax.Array        # (B,) int32, 0 = off
-    top_p: jax.Array        # (B,) float32, 1 = off
-    forced: jax.Array       # (B, FORCED_SLOTS) int32: as in engine.DecodeState
-    forced_len: jax.Array   # (B,) int32
-    forced_pos: jax.Array   # (B,) int32
-    more: jax.Array         # (B,) bool
-    host: jax.Array         # () bool: the last call stopped for Python
 
 
 class Request:
@@ -113,6 +102,7 @@ class Slots:
         self.engine, self.cfg = engine, engine.cfg
         self.max_batch = 1 << (max_batch - 1).bit_length()  # a bucket itself
         self.max_queue = max_queue
+        self.prefill_sizes = [4 ** i for i in range(self.max_batch.bit_length()) if 4 ** i <= self.max_batch]
         self.chunk = int(chunk or engine.chunk)
         self.compiled = [0, 0.0]  # XLA compilations in this process since now, and their seconds
         jax.monitoring.register_event_duration_secs_listener(self._on_jax_event)
@@ -124,9 +114,10 @@ class Slots:
         self.tool_ids, self.python_end = tool_ids, np.int32(tool_ids[1] if tool_ids else -1)
         platform = (engine.mesh.devices.flat[0] if engine.mesh is not None else jax.devices()[0]).platform
         options = decode_compiler_options(platform)
-        self._decode_jit = jax.jit(self._decode, static_argnames=("cap",), donate_argnums=(1,),
+        decode = functools.partial(slot_programs.decode, engine, self.chunk)
+        self._decode_jit = jax.jit(decode, static_argnames=("cap",), donate_argnums=(1,),
                                    **({"compiler_options": options} if options else {}))
-        self._prefill_jit = jax.jit(self._prefill, static_argnames=("cap",))
+        self._prefill_jit = jax.jit(functools.partial(slot_programs.prefill, engine), static_argnames=("cap",))
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request | None] = []  # the device batch's rows; None: free
@@ -136,6 +127,7 @@ class Slots:
         self._recent = collections.deque()      # (time, tokens) of recent device calls, for tokens/s
         self._occupancy = [0.0, 0.0]            # sum over calls of live rows / batch rows, calls
         self._stale = False                     # a cancelled request's row still runs on the device
+        self._step_s, self._last_end = {}, 0.0  # rows -> seconds per decode step (see ADMIT_S); the last call's end
         self.warm = {"programs": 0, "compiled": 0, "seconds": 0.0, "done": False}  # warm_up's progress
         if engine.mesh is None:
             self._placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -201,7 +193,8 @@ class Slots:
                     "finished": {k[9:]: v for k, v in self.counts.items() if k.startswith("finished_")},
                     "tokens": self.counts["tokens"], "tokens_per_s": round(tokens / span, 1) if span else 0.0,
                     "batch_occupancy": round(self._occupancy[0] / self._occupancy[1], 3) if self._occupancy[1]
-                    else 0.0, "decode_calls": self.counts["calls"], "turns": self.counts["turns"],
+                    else 0.0, "decode_calls": self.counts["calls"], "prefill_calls": self.counts["prefills"],
+                    "turns": self.counts["turns"],
                     "compilations": self.compiled[0], "compile_s": round(self.compiled[1], 2),
                     "warm_up": dict(self.warm)}
 
@@ -266,8 +259,9 @@ class Slots:
                 call = self._dispatch(state)
             S = call[0].cache.k[0].shape[1]
             upcoming = None if self._want_turn(pos, S) else self._dispatch(call[0])
-            _, tokens, masks, n, host = call
+            _, tokens, masks, n, host, sent = call
             n = int(n)
+            self._timed(tokens.shape[0], n, sent)
             pos += n
             self._deliver(np.asarray(tokens)[:, :n].T.tolist(), np.asarray(masks)[:, :n].T.tolist(), self._live())
             if upcoming is not None and not bool(host) and pos < S and self._live():
@@ -294,9 +288,24 @@ class Slots:
     def _dispatch(self, state: SlotState):
         """Queue a device call (Python's queued forced tokens are handed over at turns only: a call queued behind
         another continues from that one's state)."""
-        cap = self._cap(max([self._rows[i].top_k for i in self._live()] or [0]))
+        live = self._live()
+        cap = self._cap(max([self._rows[i].top_k for i in live] or [0]))
+        steps = self.chunk
+        if len(live) < self.max_batch:  # see ADMIT_S; a batch size not yet timed takes 4 steps
+            per_step = self._step_s.get(len(self._rows))
+            steps = min(self.chunk, max(1, int(ADMIT_S / per_step)) if per_step else 4)
         self.counts["calls"] += 1
-        return self._decode_jit(self.engine.params, state, self.stops, self.python_end, cap=cap)
+        out = self._decode_jit(self.engine.params, state, self.stops, self.python_end, np.int32(steps), cap=cap)
+        return *out, time.perf_counter()
+
+    def _timed(self, rows: int, n: int, sent: float):
+        """A call of `n` steps at `rows` rows, sent at `sent`, has just ended: its seconds per step into the average
+        (it started when it was sent or when the call before it ended, whichever came later)."""
+        now = time.perf_counter()
+        if n:
+            per_step = (now - max(sent, self._last_end)) / n
+            self._step_s[rows] = 0.7 * self._step_s.get(rows, per_step) + 0.3 * per_step
+        self._last_end = now
 
     def _hand_over(self, cache: gpt.DecodeCache, f: dict, pos: int) -> SlotState:
         """The turn's state on the device: forced tokens from the rows' queues, rows Python no longer runs (free or
@@ -432,31 +441,40 @@ class Slots:
         return self._hand_over(cache, f, pos), pos
 
     def _admit(self, cache: gpt.DecodeCache, f: dict, pos: int, joiners: list[Request], rows: list[int]):
-        """Each joiner's prompt prefilled on its own (one program per prompt bucket) and written into its row; their
+        """The joiners' prompts prefilled in groups (prefill_groups), each one's cache written into its row; their
         first tokens delivered."""
-        KV, firsts = self.cfg.n_kv_head, []
-        for req, row in zip(joiners, rows):
-            L = bucket(len(req.prompt), self.cfg.max_seq_len)
-            prompt = np.zeros((1, L), np.int32)
-            prompt[0, L - len(req.prompt):] = req.prompt
-            knobs = dict(seed=np.array([req.seed], np.uint32), temperature=np.array([req.temperature], np.float32),
-                         top_k=np.array([req.top_k], np.int32), top_p=np.array([req.top_p], np.float32))
-            k, v, first = self._prefill_jit(self.engine.params, prompt, np.array([L - len(req.prompt)], np.int32),
-                                            knobs, cap=self._cap(req.top_k))
-            k, v = self._committed((k, v))
-            rows_R = np.arange(row * KV, (row + 1) * KV, dtype=np.int32)
-            put = lambda x, new: gpt.put_rows(x, new, rows_R, np.int32(pos))  # noqa: E731
-            cache = cache.replace(k=tuple(map(put, cache.k, k)), v=tuple(map(put, cache.v, v)))
-            firsts.append(first)
-            for name in ("seed", "temperature", "top_k", "top_p"):
-                f[name][row] = knobs[name][0]
-            f["limit"][row], f["start"][row], f["step"][row] = req.limit, pos - len(req.prompt), 1
+        KV, firsts, done = self.cfg.n_kv_head, [], 0
+        for P in prefill_groups(len(joiners), self.prefill_sizes):
+            group, group_rows, done = joiners[done:done + P], rows[done:done + P], done + P
+            L = bucket(max(len(r.prompt) for r in group), self.cfg.max_seq_len)
+            prompts, start = np.zeros((P, L), np.int32), np.full((P,), L - 1, np.int32)  # padding rows: one token
+            knobs = self._empty_knobs(P)
+            for p, (req, row) in enumerate(zip(group, group_rows)):
+                prompts[p, L - len(req.prompt):], start[p] = req.prompt, L - len(req.prompt)
+                for name in knobs:
+                    knobs[name][p] = f[name][row] = getattr(req, name)
+                f["limit"][row], f["start"][row], f["step"][row] = req.limit, pos - len(req.prompt), 1
+            self.counts["prefills"] += 1
+            k_P, v_P, first = self._prefill_jit(self.engine.params, prompts, start, knobs,
+                                                cap=self._cap(max(r.top_k for r in group)))
+            for p, row in enumerate(group_rows):  # each (KV, L, hd): put_rows' shapes do not vary with P
+                k, v = self._committed((k_P[p], v_P[p]))
+                rows_R = np.arange(row * KV, (row + 1) * KV, dtype=np.int32)
+                put = lambda x, new: gpt.put_rows(x, new, rows_R, np.int32(pos))  # noqa: E731
+                cache = cache.replace(k=tuple(map(put, cache.k, k)), v=tuple(map(put, cache.v, v)))
+            firsts += np.asarray(first)[:len(group)].tolist()
         column = [0] * len(self._rows)
         for row, req, first in zip(rows, joiners, firsts):
-            column[row] = f["token"][row] = int(np.asarray(first)[0])
+            column[row] = f["token"][row] = first
             f["done"][row] = column[row] in self.stop_set or req.limit <= 1
         self._deliver([column], [[1] * len(column)], rows)
         return self.engine._constrain_cache(cache)
+
+    @staticmethod
+    def _empty_knobs(rows: int) -> dict:
+        """The sampling knobs of `rows` prefill rows (greedy: a padding row's choice costs nothing)."""
+        return dict(seed=np.zeros((rows,), np.uint32), temperature=np.zeros((rows,), np.float32),
+                    top_k=np.zeros((rows,), np.int32), top_p=np.ones((rows,), np.float32))
 
     # -- compiling ahead of requests ---------------------------------------------------------------------------------
 
@@ -470,14 +488,16 @@ class Slots:
         the progress. Returns the programs compiled."""
         S_max, KV, hd = self.cfg.max_seq_len, self.cfg.n_kv_head, self.cfg.head_dim
         max_len = min(max_len or S_max, S_max)
-        caches = _buckets(lambda n: cache_bucket(n, S_max), max_len)
-        prompts = _buckets(lambda n: bucket(n, S_max), max_len)
+        caches = buckets_upto(lambda n: cache_bucket(n, S_max), max_len)
+        prompts = buckets_upto(lambda n: bucket(n, S_max), max_len)
         rows = [1 << i for i in range(self.max_batch.bit_length())]
         cap = self._cap(top_k)
         zeros = lambda *shape: jnp.zeros(shape, self.engine.dtype, device=self._placement)  # noqa: E731
         index = lambda n: np.arange(n, dtype=np.int32)  # noqa: E731
-        jobs = [lambda L=L: self._compile_prefill(L, cap) for L in prompts]
+        jobs = []
         for B in rows:  # the calls _turn, _admit, _gather and _move make, on arrays of the same kinds
+            if B in self.prefill_sizes:
+                jobs += [lambda B=B, L=L: self._compile_prefill(B, L, cap) for L in prompts]
             jobs += [lambda B=B, S=S: self._compile_decode(B, S, cap) for S in caches]
             jobs += [lambda B=B, S=S, L=L: gpt.put_rows(zeros(B * KV, S, hd), zeros(KV, L, hd), index(KV), np.int32(0))
                      for S in caches for L in prompts]
@@ -504,20 +524,19 @@ class Slots:
     def _compile_decode(self, rows: int, length: int, cap: int):
         """The decode program a turn calls for a batch of `rows` and a cache of `length` (the same arguments)."""
         state = self._place(self._empty_cache(rows, length), self._empty_fields(rows, 0), 0)
-        self._decode_jit.lower(self.engine.params, state, self.stops, self.python_end, cap=cap).compile()
+        self._decode_jit.lower(self.engine.params, state, self.stops, self.python_end, np.int32(0), cap=cap).compile()
 
-    def _compile_prefill(self, length: int, cap: int):
-        """The prefill program _admit calls for a prompt in a bucket of `length` (the same argument types)."""
-        knobs = dict(seed=np.zeros((1,), np.uint32), temperature=np.zeros((1,), np.float32),
-                     top_k=np.zeros((1,), np.int32), top_p=np.ones((1,), np.float32))
-        self._prefill_jit.lower(self.engine.params, np.zeros((1, length), np.int32), np.zeros((1,), np.int32), knobs,
-                                cap=cap).compile()
+    def _compile_prefill(self, rows: int, length: int, cap: int):
+        """The prefill program _admit calls for `rows` prompts in a bucket of `length` (the same argument types)."""
+        self._prefill_jit.lower(self.engine.params, np.zeros((rows, length), np.int32), np.zeros((rows,), np.int32),
+                                self._empty_knobs(rows), cap=cap).compile()
 
     # -- the state edits of a turn (numpy fields; the cache through nanojax.gpt's small programs); prefill, decode ---
 
     def _fields(self, state: SlotState) -> dict:
         """The rows' small fields (all but the cache and the host flag), as a turn edits them in numpy."""
-        return {f.name: getattr(state, f.name) for f in dataclasses.fields(SlotState) if f.name not in ("cache", "host")}
+        names = [f.name for f in dataclasses.fields(SlotState) if f.name not in ("cache", "host")]
+        return {name: getattr(state, name) for name in names}
 
     def _empty_fields(self, rows: int, pos: int) -> dict:
         """The numpy fields of `rows` empty rows (done) starting at pos, as _fields names them, and "start"."""
@@ -547,33 +566,3 @@ class Slots:
         runs past pos or before a start (RoPE follows each row's own positions, so moving changes no result)."""
         move = lambda x: gpt.shift_rows(x, np.int32(shift), length=length)  # noqa: E731  (as warm_up calls it)
         return self.engine._constrain_cache(cache.replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v))))
-
-    def _prefill(self, params, prompts_PL, start_P, knobs, *, cap):
-        """The joiners' prompts (right-aligned in a bucket) through the model: their caches (P * KV, L, hd) and
-        first tokens (sampled at step 0 of each seed, as engine.generate would)."""
-        P, L = prompts_PL.shape
-        cache = gpt.init_decode_cache(self.cfg, P, L, self.engine.dtype).replace(start=start_P)
-        logits, cache = self.engine._forward(params, prompts_PL, cache, last=L - 1)
-        u = row_uniforms(knobs["seed"], jnp.zeros((P, 1), jnp.int32))[:, 0]
-        first = sample_rows(logits[:, 0], u, knobs["temperature"], knobs["top_k"], knobs["top_p"], cap)
-        return cache.k, cache.v, first
-
-    def _decode(self, params, state: SlotState, stops, python_end, *, cap):
-        """engine._decode with per-row sampling knobs, seeds and step counts."""
-        B, T = state.token.shape[0], self.chunk
-        n_steps = jnp.minimum(T, state.cache.k[0].shape[1] - state.cache.pos)
-        steps_BT = state.step[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        u_TB = jax.lax.cond(jnp.any(state.temperature > 0), lambda: row_uniforms(state.seed, steps_BT).T,
-                            lambda: jnp.zeros((T, B), jnp.float32))
-
-        def step(carry):
-            i, st, tokens, masks, _ = carry
-            logits, cache = self.engine._forward(params, st.token[:, None], st.cache)
-            sampled = sample_rows(logits[:, 0], jax.lax.dynamic_index_in_dim(u_TB, i, keepdims=False),
-                                  st.temperature, st.top_k, st.top_p, cap)
-            return advance_rows(i, st, tokens, masks, sampled, cache, stops, python_end)
-
-        init = (jnp.int32(0), state, jnp.zeros((B, T), jnp.int32), jnp.zeros((B, T), bool),
-                jnp.all(state.done) | state.host)
-        n, state, tokens, masks, _ = jax.lax.while_loop(lambda c: (c[0] < n_steps) & ~c[4], step, init)
-        return state, tokens, masks, n, state.host

@@ -216,7 +216,7 @@ def bench_serve(args) -> dict:
     return {"bench": "serve", **_device_label(),
             **benchmark_serve(depth=args.depth, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
                               clients=args.clients, new_tokens=args.new_tokens, sequential=args.requests,
-                              disconnects=args.disconnects, dtype=_dtype(args.dtype))}
+                              disconnects=args.disconnects, rounds=args.rounds, dtype=_dtype(args.dtype))}
 
 
 def main(argv=None):
@@ -259,6 +259,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256, help="tokens each client asks for")
     p.add_argument("--requests", type=int, default=500, help="sequential requests for the memory figure")
     p.add_argument("--disconnects", type=int, default=10, help="clients that hang up mid-stream")
+    p.add_argument("--rounds", type=int, default=7,
+                   help="server rounds, each beside a bench decode run of the same load (the median ratio counts)")
     p = sub.add_parser("data", help="dataloader tokens/s")
     p.add_argument("--source", default="demo", help="data source, as launch.base")
     p.add_argument("--rows", type=int, default=32, help="rows per batch")
@@ -280,7 +282,7 @@ def main(argv=None):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
     numbers = ("depth", "vocab_size", "n_kv_head", "max_seq_len", "device_batch_size", "steps", "batch", "prompt_len",
-               "new_tokens", "repeats", "rows", "seconds", "text_mb", "clients", "requests", "disconnects")
+               "new_tokens", "repeats", "rows", "seconds", "text_mb", "clients", "requests", "disconnects", "rounds")
     cli(check_args)(args, positive=[n for n in numbers if hasattr(args, n)])
     result = cli(globals()[f"bench_{args.command}"])(args)
     print(json.dumps(result))

@@ -77,6 +77,14 @@ def cache_bucket(n: int, cap: int) -> int:
     return min(length, cap)
 
 
+def buckets_upto(of, limit: int) -> list[int]:
+    """The buckets `of(n)` gives for n = 1, 2, ... up to the one holding `limit` (what a warm-up compiles)."""
+    out = [of(1)]
+    while out[-1] < of(limit):
+        out.append(of(out[-1] + 1))
+    return out
+
+
 @functools.cache
 def decode_compiler_options(platform: str) -> dict:
     """Those of CPU_DECODE_OPTIONS that this CPU's XLA knows (each checked once by compiling a one-op program)."""

@@ -2,7 +2,7 @@
 alone; cancelled rows are freed; shapes stay in buckets; a full queue is refused; tool calls and stops work per row."""
 import pytest
 
-from nanojax.batching import QueueFull, Slots
+from nanojax.batching import ADMIT_S, QueueFull, Slots, prefill_groups
 from test_engine import engines, models, prompt_of, scripted, special, byte_ids, tok  # noqa: F401  (fixtures)
 
 
@@ -39,10 +39,38 @@ def test_joining_and_leaving_requests_get_what_generate_gives_alone(engines):
     stats = slots.stats()
     assert stats["requests"] == 5 and stats["active"] == 0 and stats["finished"] == {"length": 5}
     assert stats["turns"] >= 3 and stats["tokens"] == sum(s[1] for s in specs)
+    assert stats["prefill_calls"] == 2  # the first two in one group of 4 rows, the three later ones in another
     for req, spec in zip(reqs, specs):
         n = spec[0]
         want = engine.generate_batch(prompt_of(n, n), stop_tokens=[], **kw(*spec))[0][0][n:]
         assert outs[req.id] == want and req.finish_reason == "length", spec
+
+
+def test_joiners_are_prefilled_in_few_group_sizes_with_little_padding():
+    sizes = [1, 4, 16]  # Slots(max_batch=32).prefill_sizes
+    assert {n: prefill_groups(n, sizes) for n in (1, 2, 3, 5, 8, 9, 16, 31, 33)} == {
+        1: [1], 2: [4], 3: [4], 5: [4, 1], 8: [16], 9: [16], 16: [16], 31: [16, 16], 33: [16, 16, 1]}
+    assert prefill_groups(3, [1]) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("max_batch, steps", [(2, [5, 5, 5, 5]), (1, [20])])
+def test_calls_are_short_while_a_row_is_free_and_whole_chunks_when_the_batch_is_full(engines, max_batch, steps):
+    """With a free row, a call takes the steps that last ADMIT_S at the measured step time (5 here), so a request
+    arriving mid-call waits little; a full batch takes whole chunks."""
+    slots = Slots(engines["gqa"], max_batch=max_batch, stop_tokens=[])
+    slots._step_s = {1: ADMIT_S / 5.5}
+    slots._timed = lambda *_: None  # the step time stays as set
+    taken, decode = [], slots._decode_jit
+
+    def recording(*args, **kw):
+        out = decode(*args, **kw)
+        taken.append(out[3])
+        return out
+    slots._decode_jit = recording
+    req = slots.submit(prompt_of(6), max_tokens=21, temperature=0)  # the first token comes from the prefill
+    slots.run_until_idle()
+    assert req.generated == 21 and [int(n) for n in taken if int(n)] == steps
+    slots.close()
 
 
 def test_cancelled_requests_free_their_rows_and_others_go_on(engines):

@@ -11,6 +11,7 @@ from nanojax import bench
     (["data", "--seconds", "0"], "error: --seconds 0.0: must be a positive number\n"),
     (["serve", "--clients", "0"], "error: --clients 0: must be a positive number\n"),
     (["serve", "--requests", "-5"], "error: --requests -5: must be a positive number\n"),
+    (["serve", "--rounds", "0"], "error: --rounds 0: must be a positive number\n"),
     (["decode", "--depth", "2", "--n-kv-head", "3"], "error: n_kv_head 3 must divide n_head 1 (depth 2); allowed: [1]\n"),
     (["memory", "--mesh", "0"], "error: --mesh '0': every axis size must be at least 1; allowed forms: "),
     (["memory", "--mesh", "100000"], "error: --mesh '100000' needs 100000 devices; a memory plan simulates at most 1024 "
