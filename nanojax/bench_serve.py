@@ -1,18 +1,19 @@
 """`python -m nanojax.bench serve`: the chat server under load on 127.0.0.1, against `bench decode` on the same model.
 
-bench decode's random-init model is saved as an sft checkpoint, with a tokenizer trained on the demo
-corpus, in a temporary base directory; `python -m serve.app` serves it in a subprocess (nanojax imports nothing from
-serve/), and this process is the clients (httpx, asyncio, the OpenAI streaming protocol). The measures start once the
-server's start-up warm-up (every program of conversations up to new_tokens + 64 positions) has ended and a round of
-the same load compiles nothing new (`warmup_rounds`: 1 when the warm-up covered it all). The machine's speed drifts
-from one minute to the next, so each server measure is paired with a bench decode run of the same load in this
-process, taken just before or after it (alternating), for `rounds` rounds; the ratios reported are the median of the
-pairs' (`rounds` lists every pair). Measured:
+bench decode's random-init model is saved as an sft checkpoint (its special tokens' columns of lm_head zeroed, so no
+client stops early: bench decode has no stop tokens), with a tokenizer trained on the demo corpus, in a temporary base
+directory; `python -m serve.app` serves it in a subprocess (nanojax imports nothing from serve/), and this process is
+the clients (httpx, asyncio, the OpenAI streaming protocol). The measures start once the server's start-up warm-up
+(every program of conversations up to new_tokens + 64 positions) has ended and a round of the same load compiles
+nothing new (`warmup_rounds`: 1 when the warm-up covered it all). The machine's speed drifts from one minute to the
+next, so each server measure is paired with bench decode runs of the same load in this process (DecodeBench), taken
+just before or after it (alternating), for `rounds` rounds; the ratios reported are the medians of the pairs'
+(`rounds` lists every pair). Measured:
   - 32 concurrent streaming clients: all complete; aggregate completion tokens/s (first request sent to last token
     received, prefill and joins included) against bench decode's steps at batch 32;
-  - one client alone: tokens/s from its request to its last token, against bench decode's at batch 1 from its
-    prompt to its last token (time to first token + the steps; the text streams in bursts, one a device call, and a
-    burst may wait for a whole UTF-8 character, so the first-to-last span of the text is not a token count's);
+  - one client alone, three requests one after another: tokens/s from each request to its last token, against three
+    bench decode runs at batch 1 from the prompt to the last token (time to first token + the steps; the text
+    streams in bursts, one a device call, so the first-to-last span of the text is not a token count's);
   - 10 clients that hang up mid-stream: the server's /stats show their rows freed;
   - the server's resident memory (VmRSS) before and after 500 sequential requests.
 NANOJAX_SERVER_LOG=PATH keeps the server's output there (with JAX_LOG_COMPILES=1: what it compiled, and when).
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+ALONE_REQUESTS = 3  # a lone client's requests per round, and bench decode's runs at batch 1 beside them
 
 
 def _free_port() -> int:
@@ -111,10 +113,11 @@ async def _load(url: str, model: str, bench, rounds: int, clients: int, new_toke
             return {"completed": len(results), "tokens": tokens, "tok_per_s": tokens / (end - t0),
                     "ttft_ms_median": 1e3 * float(np.median([r["first"] - r["start"] for r in results if r["first"]]))}
 
-        async def alone(i):
-            r = await _stream(client, url, body(new_tokens, i))
-            return {"tokens": r["tokens"], "ttft_ms": 1e3 * (r["first"] - r["start"]),
-                    "tok_per_s": r["tokens"] / (r["last"] - r["start"])}
+        async def alone(i):  # ALONE_REQUESTS one after another (one is a third of a second: too short to time alone)
+            rs = [await _stream(client, url, body(new_tokens, i + j)) for j in range(ALONE_REQUESTS)]
+            tokens = sum(r["tokens"] for r in rs)
+            return {"tokens": tokens, "ttft_ms": 1e3 * np.median([r["first"] - r["start"] for r in rs]),
+                    "tok_per_s": tokens / sum(r["last"] - r["start"] for r in rs)}
 
         compilations = lambda: client.get(url + "/stats")  # noqa: E731
 
@@ -131,11 +134,11 @@ async def _load(url: str, model: str, bench, rounds: int, clients: int, new_toke
             result = await run()
             return result, (await compilations()).json()["engine"]["compilations"] - before
 
-        async def pair(decode_batch, serve, r):  # decode first in even rounds, the server first in odd ones
+        async def pair(decode_batch, repeats, serve, r):  # decode first in even rounds, the server first in odd ones
             runs = [None, None]
             for side in ((0, 1) if r % 2 == 0 else (1, 0)):
                 if side == 0:
-                    runs[0] = bench.run(decode_batch, 100 + r)
+                    runs[0] = [bench.run(decode_batch, 100 * r + j) for j in range(repeats)]
                 else:
                     runs[1] = await timed(serve)
             return runs
@@ -143,11 +146,11 @@ async def _load(url: str, model: str, bench, rounds: int, clients: int, new_toke
         out["warmup_rounds"] = [await warm(lambda: concurrent(clients, 0)), await warm(lambda: alone(5))]
         out["rounds"], decode_runs = [], {clients: [], 1: []}
         for r in range(rounds):  # each server measure next to a decode measure of the same load
-            (ttft, step), (many, compiled) = await pair(clients, lambda: concurrent(clients, 1000 * (r + 1)), r)
+            [(ttft, step)], (many, compiled) = await pair(clients, 1, lambda: concurrent(clients, 1000 * (r + 1)), r)
             decode_runs[clients].append((ttft, step))
-            (ttft1, step1), (one, compiled1) = await pair(1, lambda: alone(10 + r), r)
-            decode_runs[1].append((ttft1, step1))
-            one_end_to_end = new_tokens / (ttft1 + (new_tokens - 1) * step1)  # its prompt to its last token
+            ones, (one, compiled1) = await pair(1, ALONE_REQUESTS, lambda: alone(100 * (r + 1)), r)
+            decode_runs[1] += ones
+            one_end_to_end = len(ones) * new_tokens / sum(t + (new_tokens - 1) * s for t, s in ones)  # prompt to last
             out["rounds"].append({
                 "decode_batch_tok_per_s": round(clients / step, 1),
                 "concurrent_tok_per_s": round(many["tok_per_s"], 1),
