@@ -462,7 +462,8 @@ class Slots:
                 rows_R = np.arange(row * KV, (row + 1) * KV, dtype=np.int32)
                 put = lambda x, new: gpt.put_rows(x, new, rows_R, np.int32(pos))  # noqa: E731
                 cache = cache.replace(k=tuple(map(put, cache.k, k)), v=tuple(map(put, cache.v, v)))
-            firsts += np.asarray(first)[:len(group)].tolist()
+            firsts.append((first, len(group)))  # read once every group is queued
+        firsts = [t for first, n in firsts for t in np.asarray(first)[:n].tolist()]
         column = [0] * len(self._rows)
         for row, req, first in zip(rows, joiners, firsts):
             column[row] = f["token"][row] = first
@@ -481,11 +482,11 @@ class Slots:
     def warm_up(self, max_len: int | None = None, *, top_k: int = MIN_TOP_K_CAP, threads: int = 1,
                 should_stop=lambda: False) -> int:
         """Compile, before requests come, every program that serving conversations of up to `max_len` positions
-        (default: the context) with top_k <= `top_k` meets: the prefill of each prompt bucket, the decode loop of each
-        (rows, cache) bucket and the turns' cache edits of each shape, so that no request waits for a compilation
-        (seconds for the first two). One-row programs first (a lone chat needs them first), then two rows, four, ...;
-        `threads` compile at once (XLA compiles on the host's cores); `should_stop()` ends it early. self.warm shows
-        the progress. Returns the programs compiled."""
+        (default: the context) with top_k <= `top_k` meets: the prefill of each (group, prompt) bucket, the decode
+        loop of each (rows, cache) bucket and the turns' cache edits of each shape, so that no request waits for a
+        compilation (seconds for the first two). One-row programs first (a lone chat needs them first), then two
+        rows, four, ...; `threads` compile at once (XLA compiles on the host's cores); `should_stop()` ends it early.
+        self.warm shows the progress. Returns the programs compiled."""
         S_max, KV, hd = self.cfg.max_seq_len, self.cfg.n_kv_head, self.cfg.head_dim
         max_len = min(max_len or S_max, S_max)
         caches = buckets_upto(lambda n: cache_bucket(n, S_max), max_len)
@@ -531,7 +532,7 @@ class Slots:
         self._prefill_jit.lower(self.engine.params, np.zeros((rows, length), np.int32), np.zeros((rows,), np.int32),
                                 self._empty_knobs(rows), cap=cap).compile()
 
-    # -- the state edits of a turn (numpy fields; the cache through nanojax.gpt's small programs); prefill, decode ---
+    # -- the state edits of a turn (numpy fields; the cache through nanojax.gpt's small programs) ----------------------
 
     def _fields(self, state: SlotState) -> dict:
         """The rows' small fields (all but the cache and the host flag), as a turn edits them in numpy."""
