@@ -259,7 +259,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256, help="tokens each client asks for")
     p.add_argument("--requests", type=int, default=500, help="sequential requests for the memory figure")
     p.add_argument("--disconnects", type=int, default=10, help="clients that hang up mid-stream")
-    p.add_argument("--rounds", type=int, default=7,
+    p.add_argument("--rounds", type=int, default=9,
                    help="server rounds, each beside a bench decode run of the same load (the median ratio counts)")
     p = sub.add_parser("data", help="dataloader tokens/s")
     p.add_argument("--source", default="demo", help="data source, as launch.base")

@@ -11,7 +11,7 @@ just before or after it (alternating), for `rounds` rounds; the ratios reported 
 (`rounds` lists every pair). Measured:
   - 32 concurrent streaming clients: all complete; aggregate completion tokens/s (first request sent to last token
     received, prefill and joins included) against bench decode's steps at batch 32;
-  - one client alone, three requests one after another: tokens/s from each request to its last token, against three
+  - one client alone, five requests one after another: tokens/s from each request to its last token, against five
     bench decode runs at batch 1 from the prompt to the last token (time to first token + the steps; the text
     streams in bursts, one a device call, so the first-to-last span of the text is not a token count's);
   - 10 clients that hang up mid-stream: the server's /stats show their rows freed;
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-ALONE_REQUESTS = 3  # a lone client's requests per round, and bench decode's runs at batch 1 beside them
+ALONE_REQUESTS = 5  # a lone client's requests per round, and bench decode's runs at batch 1 beside them
 
 
 def _free_port() -> int:
@@ -189,7 +189,7 @@ async def _load(url: str, model: str, bench, rounds: int, clients: int, new_toke
 
 
 def benchmark_serve(depth: int = 4, vocab_size: int = 8192, max_seq_len: int = 2048, clients: int = 32,
-                    new_tokens: int = 256, sequential: int = 500, disconnects: int = 10, rounds: int = 7,
+                    new_tokens: int = 256, sequential: int = 500, disconnects: int = 10, rounds: int = 9,
                     dtype=None) -> dict:
     from nanojax.bench_decode import DecodeBench
 
