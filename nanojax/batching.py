@@ -258,13 +258,19 @@ class Slots:
                     continue
                 call = self._dispatch(state)
             S = call[0].cache.k[0].shape[1]
-            upcoming = None if self._want_turn(pos, S) else self._dispatch(call[0])
+            upcoming, S_next = None, S
+            if not self._want_turn(pos, S):
+                state = call[0]
+                if self._short_of_room(pos, S):  # the next call runs on the next cache bucket (padding), no turn
+                    S_next = cache_bucket(S + 1, self.cfg.max_seq_len)
+                    state = state.replace(cache=self._move(state.cache, 0, S_next))
+                upcoming = self._dispatch(state)
             _, tokens, masks, n, host, sent = call
             n = int(n)
             self._timed(tokens.shape[0], n, sent)
             pos += n
             self._deliver(np.asarray(tokens)[:, :n].T.tolist(), np.asarray(masks)[:, :n].T.tolist(), self._live())
-            if upcoming is not None and not bool(host) and pos < S and self._live():
+            if upcoming is not None and not bool(host) and pos < S_next and self._live():
                 call = upcoming
             else:  # a turn next; a call queued behind this one took no step (host, or a full cache) unless every
                 # request finished, when its tokens have no reader
@@ -283,7 +289,13 @@ class Slots:
             return True
         if self._stale or any(self._rows[i].cancelled for i in live) or len(live) <= B // 2:
             return True
-        return pos + self.chunk > S and S < self.cfg.max_seq_len
+        oldest = min(self._rows[i].start for i in live)  # a turn moves the rows back to it: then room enough?
+        return self._short_of_room(pos, S) and cache_bucket(pos - oldest + self.chunk, self.cfg.max_seq_len) <= S
+
+    def _short_of_room(self, pos: int, S: int) -> bool:
+        """Whether a row may reach the cache's end during the current call or the next one."""
+        longest = max(self._rows[i].row.limit for i in self._live())  # tokens a live row may still emit
+        return pos + self.chunk > S and S < self.cfg.max_seq_len and longest > S - pos
 
     def _dispatch(self, state: SlotState):
         """Queue a device call (Python's queued forced tokens are handed over at turns only: a call queued behind

@@ -63,8 +63,9 @@ def _make_checkpoint(base: Path, bench):
     specials = [tok.encode_special(name) for name in SPECIAL_TOKENS]
     params = {**bench.params, "lm_head": bench.params["lm_head"].at[:, specials].set(0.0)}
     ck = StageCheckpoints("sft", f"d{bench.cfg.depth}")
-    ck.save(1, params, None, {"step": 1, "model_config": bench.cfg.to_dict(), "tokenizer": tok.fingerprint(),
-                                    "note": "random weights for bench serve"})
+    meta = {"step": 1, "model_config": bench.cfg.to_dict(), "tokenizer": tok.fingerprint(),
+            "note": "random weights for bench serve"}
+    ck.save(1, params, None, meta)
     ck.close()
 
 

@@ -73,6 +73,20 @@ def test_calls_are_short_while_a_row_is_free_and_whole_chunks_when_the_batch_is_
     slots.close()
 
 
+def test_a_cache_about_to_fill_grows_on_the_device_without_a_turn(engines):
+    """As the engine's does: the next bucket is queued behind the running call instead of a turn that stops the
+    device. A lone request from the cache bucket 128 into 192 takes one turn (its admission)."""
+    engine = engines["mha"]  # max_seq_len 256
+    slots = Slots(engine, max_batch=2, stop_tokens=[])
+    outs = {}
+    req = slots.submit(prompt_of(6, 3), max_tokens=150, temperature=0, on_tokens=collect(slots, outs))
+    slots.run_until_idle()
+    assert slots.stats()["turns"] == 1 and req.finish_reason == "length"
+    want = engine.generate_batch(prompt_of(6, 3), max_tokens=150, temperature=0, stop_tokens=[])[0][0][6:]
+    assert outs[req.id] == want
+    slots.close()
+
+
 def test_cancelled_requests_free_their_rows_and_others_go_on(engines):
     engine = engines["gqa"]
     slots = Slots(engine, max_batch=4, stop_tokens=[])
