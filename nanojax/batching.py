@@ -13,9 +13,11 @@
 How it runs (the engine's layout, nanojax.engine, with rows that are different requests):
   - Rows share one write position `pos`; row b holds its sequence at [start_b, pos) and RoPE turns each row by its own
     position (gpt.cached_forward), so rows can move along the cache and a prompt prefilled on its own joins anywhere.
-  - Each device call runs up to `chunk` decode steps (sampling knobs, seed and step count per row). Python queues the
-    next call before reading the current one's tokens, except when it wants a turn: requests waiting for a free row,
-    a row cancelled, the batch small enough for a smaller bucket, the cache full, or a tool call to run.
+  - Each device call runs up to `chunk` decode steps (sampling knobs, seed and step count per row; fewer while a row
+    is free, see ADMIT_S). Python queues the next call before reading the current one's tokens, except when it wants
+    a turn: requests waiting for a free row, a row cancelled, the batch small enough for a smaller bucket, a cache
+    about to fill that moving the rows back would make room in, or a tool call to run. A cache about to fill
+    otherwise grows to the next bucket on the device, queued behind the running call (as the engine's does).
   - A turn: the rows still running are kept (in place, or gathered to the front when the batch bucket changes); the
     cache is shifted left to the oldest running row's start (so attention reads at most the longest sequence, rounded
     up to a cache bucket) or right when a joining prompt is longer than `pos`; the joiners are prefilled in groups of 1,
