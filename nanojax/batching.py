@@ -260,12 +260,9 @@ class Slots:
                     continue
                 call = self._dispatch(state)
             S = call[0].cache.k[0].shape[1]
-            upcoming, S_next = None, S
-            if not self._want_turn(pos, S):
-                state = call[0]
-                if self._short_of_room(pos, S):  # the next call runs on the next cache bucket (padding), no turn
-                    S_next = cache_bucket(S + 1, self.cfg.max_seq_len)
-                    state = state.replace(cache=self._move(state.cache, 0, S_next))
+            S_next, upcoming = self._next_cache(pos, S), None
+            if S_next is not None:  # a bigger cache: the next bucket, padding at the end
+                state = call[0] if S_next == S else call[0].replace(cache=self._move(call[0].cache, 0, S_next))
                 upcoming = self._dispatch(state)
             _, tokens, masks, n, host, sent = call
             n = int(n)
@@ -283,21 +280,19 @@ class Slots:
     def _live(self) -> list[int]:
         return [i for i, r in enumerate(self._rows) if r is not None]
 
-    def _want_turn(self, pos: int, S: int) -> bool:
-        """Take a turn after the current call rather than queue the next one."""
-        live = self._live()
-        B = len(self._rows)
+    def _next_cache(self, pos: int, S: int) -> int | None:
+        """The cache length of the call to queue behind the current one (S, or the next bucket when a row may reach
+        the end of S during the current call or the next), or None: take a turn after the current call instead."""
+        live, S_max = self._live(), self.cfg.max_seq_len
         if self._waiting and len(live) < self.max_batch:
-            return True
-        if self._stale or any(self._rows[i].cancelled for i in live) or len(live) <= B // 2:
-            return True
-        oldest = min(self._rows[i].start for i in live)  # a turn moves the rows back to it: then room enough?
-        return self._short_of_room(pos, S) and cache_bucket(pos - oldest + self.chunk, self.cfg.max_seq_len) <= S
-
-    def _short_of_room(self, pos: int, S: int) -> bool:
-        """Whether a row may reach the cache's end during the current call or the next one."""
-        longest = max(self._rows[i].row.limit for i in self._live())  # tokens a live row may still emit
-        return pos + self.chunk > S and S < self.cfg.max_seq_len and longest > S - pos
+            return None
+        if self._stale or any(self._rows[i].cancelled for i in live) or len(live) <= len(self._rows) // 2:
+            return None
+        longest = max(self._rows[i].row.limit for i in live)  # tokens a live row may still emit
+        if pos + self.chunk <= S or S >= S_max or longest <= S - pos:
+            return S
+        oldest = min(self._rows[i].start for i in live)  # a turn moves the rows back to it: room enough then?
+        return None if cache_bucket(pos - oldest + self.chunk, S_max) <= S else cache_bucket(S + 1, S_max)
 
     def _dispatch(self, state: SlotState):
         """Queue a device call (Python's queued forced tokens are handed over at turns only: a call queued behind

@@ -136,13 +136,12 @@ async def _load(url: str, model: str, bench, rounds: int, clients: int, new_toke
             return result, (await compilations()).json()["engine"]["compilations"] - before
 
         async def pair(decode_batch, repeats, serve, r):  # decode first in even rounds, the server first in odd ones
-            runs = [None, None]
-            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
-                if side == 0:
-                    runs[0] = [bench.run(decode_batch, 100 * r + j) for j in range(repeats)]
-                else:
-                    runs[1] = await timed(serve)
-            return runs
+            decode = lambda: [bench.run(decode_batch, 100 * r + j) for j in range(repeats)]  # noqa: E731
+            if r % 2:
+                served = await timed(serve)
+                return decode(), served
+            decoded = decode()
+            return decoded, await timed(serve)
 
         out["warmup_rounds"] = [await warm(lambda: concurrent(clients, 0)), await warm(lambda: alone(5))]
         out["rounds"], decode_runs = [], {clients: [], 1: []}
