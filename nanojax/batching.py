@@ -22,7 +22,9 @@ How it runs (the engine's layout, nanojax.engine, with rows that are different r
     cache is shifted left to the oldest running row's start (so attention reads at most the longest sequence, rounded
     up to a cache bucket) or right when a joining prompt is longer than `pos`; the joiners are prefilled in groups of 1,
     4, 16, ... rows (each prompt right-aligned in the group's prompt bucket), their first tokens sampled, and each
-    one's cache written into its row. The rows' small fields are edited in numpy and sent back in one transfer.
+    one's cache written into its row. The rows' small fields are edited in numpy and sent back in one transfer; the
+    first tokens go into their rows on the device, and Python reads them once the next decode call is queued (the
+    device goes from the prefill to the decode without waiting for the host).
   - Shapes come in buckets: rows a power of two up to max_batch, prompts and caches as in the engine, top-k size a
     power of two from 64. The decode loop compiles once per (rows, cache, top-k) bucket and the prefill once per
     (group, prompt, top-k) bucket, never per request; a turn's cache edits are small programs per array shape, shared by
@@ -50,7 +52,7 @@ from nanojax.common import UserError
 from nanojax.engine import (FORCED_SLOTS, STOP_SLOTS, Engine, _Row, bucket, buckets_upto, cache_bucket,
                             decode_compiler_options)
 from nanojax.sampling import top_k_cap
-from nanojax.slot_programs import SlotState
+from nanojax.slot_programs import SlotState, prefill_groups
 
 # Rows asking top_k <= 64 (or none) share the top-k size 64, so the usual mix of settings needs one program per shape
 # (a 256-candidate TopK costs ~3x a 64-candidate one at 32 rows on a CPU).
@@ -58,17 +60,6 @@ MIN_TOP_K_CAP = 64
 # While a row is free, a device call takes the steps that last about this long at its batch size (measured), so a
 # request arriving mid-call waits little for a turn; a full batch takes whole chunks (nobody can join it).
 ADMIT_S = 0.05
-
-
-def prefill_groups(joiners: int, sizes: list[int]) -> list[int]:
-    """Prefill group sizes for `joiners` (sizes 1, 4, 16, ...): the smallest that holds the rest if at most half of it
-    is padding, else the largest they fill (a group reads the weights once; few sizes keep the programs few)."""
-    out = []
-    while joiners > 0:
-        fits = [P for P in sizes if joiners <= P <= 2 * joiners]
-        out.append(fits[0] if fits else max(P for P in sizes if P <= joiners))
-        joiners -= out[-1]
-    return out
 
 
 class QueueFull(Exception):
@@ -120,6 +111,7 @@ class Slots:
         self._decode_jit = jax.jit(decode, static_argnames=("cap",), donate_argnums=(1,),
                                    **({"compiler_options": options} if options else {}))
         self._prefill_jit = jax.jit(functools.partial(slot_programs.prefill, engine), static_argnames=("cap",))
+        self._firsts: list = []  # the last turn's groups: (first tokens on the device, their rows); see _admit
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request | None] = []  # the device batch's rows; None: free
@@ -135,6 +127,13 @@ class Slots:
             self._placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
             self._placement = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
+        # One program per (rows, cache) bucket: eager zeros cost a dispatch per layer's k and v (~2 ms of a lone
+        # request's time to first token on a CPU, against 0.1 ms).
+        zeros = lambda rows, length: engine._constrain_cache(  # noqa: E731
+            gpt.init_decode_cache(self.cfg, rows, length, engine.dtype))
+        self._zeros_jit = jax.jit(zeros, static_argnames=("rows", "length"),
+                                  **({} if engine.mesh is not None else {"out_shardings": self._placement}))
+        self._firsts_jit = jax.jit(slot_programs.place_firsts, out_shardings=self._placement)
 
     # -- requests ----------------------------------------------------------------------------------------------------
 
@@ -259,6 +258,7 @@ class Slots:
                 if state is None:
                     continue
                 call = self._dispatch(state)
+                self._deliver_firsts()
             S = call[0].cache.k[0].shape[1]
             S_next, upcoming = self._next_cache(pos, S), None
             if S_next is not None:  # a bigger cache: the next bucket, padding at the end
@@ -327,7 +327,7 @@ class Slots:
             elif req.row.queue:
                 n = min(len(req.row.queue), FORCED_SLOTS)
                 f["forced"][i, :n], f["forced_len"][i], f["more"][i] = req.row.queue[:n], n, len(req.row.queue) > n
-        return self._place(cache, f, pos)
+        return self._join_firsts(self._place(cache, f, pos))
 
     def _place(self, cache: gpt.DecodeCache, f: dict, pos: int) -> SlotState:
         """A SlotState from the cache and the numpy fields, every array committed to the device as a decode call
@@ -451,8 +451,8 @@ class Slots:
 
     def _admit(self, cache: gpt.DecodeCache, f: dict, pos: int, joiners: list[Request], rows: list[int]):
         """The joiners' prompts prefilled in groups (prefill_groups), each one's cache written into its row; their
-        first tokens delivered."""
-        KV, firsts, done = self.cfg.n_kv_head, [], 0
+        first tokens stay on the device (self._firsts) until the decode call after the turn is queued."""
+        KV, done = self.cfg.n_kv_head, 0
         for P in prefill_groups(len(joiners), self.prefill_sizes):
             group, group_rows, done = joiners[done:done + P], rows[done:done + P], done + P
             L = bucket(max(len(r.prompt) for r in group), self.cfg.max_seq_len)
@@ -463,6 +463,7 @@ class Slots:
                 for name in knobs:
                     knobs[name][p] = f[name][row] = getattr(req, name)
                 f["limit"][row], f["start"][row], f["step"][row] = req.limit, pos - len(req.prompt), 1
+                f["done"][row] = req.limit <= 1  # (or its first token is a stop: place_firsts)
             self.counts["prefills"] += 1
             k_P, v_P, first = self._prefill_jit(self.engine.params, prompts, start, knobs,
                                                 cap=self._cap(max(r.top_k for r in group)))
@@ -471,14 +472,29 @@ class Slots:
                 rows_R = np.arange(row * KV, (row + 1) * KV, dtype=np.int32)
                 put = lambda x, new: gpt.put_rows(x, new, rows_R, np.int32(pos))  # noqa: E731
                 cache = cache.replace(k=tuple(map(put, cache.k, k)), v=tuple(map(put, cache.v, v)))
-            firsts.append((first, len(group)))  # read once every group is queued
-        firsts = [t for first, n in firsts for t in np.asarray(first)[:n].tolist()]
-        column = [0] * len(self._rows)
-        for row, req, first in zip(rows, joiners, firsts):
-            column[row] = f["token"][row] = first
-            f["done"][row] = column[row] in self.stop_set or req.limit <= 1
-        self._deliver([column], [[1] * len(column)], rows)
+            self._firsts.append((first, group_rows))
         return self.engine._constrain_cache(cache)
+
+    def _join_firsts(self, state: SlotState) -> SlotState:
+        """The turn's first tokens written into the state on the device (place_firsts, one call per group)."""
+        token, done = state.token, state.done
+        for first, group_rows in self._firsts:
+            rows_P = np.full(first.shape, len(self._rows), np.int32)  # padding rows: past the batch
+            rows_P[:len(group_rows)] = group_rows
+            first = jax.device_put(first, self._placement)  # (as warm_up compiles it)
+            token, done = self._firsts_jit(token, done, rows_P, first, self.stops)
+        return state.replace(token=token, done=done)
+
+    def _deliver_firsts(self):
+        """The first tokens of the last turn's joiners to their requests (after the next decode call is queued)."""
+        firsts, self._firsts = self._firsts, []
+        column, rows = [0] * len(self._rows), []
+        for first, group_rows in firsts:
+            for row, token in zip(group_rows, np.asarray(first).tolist()):
+                column[row] = token
+                rows.append(row)
+        if rows:
+            self._deliver([column], [[1] * len(column)], rows)
 
     @staticmethod
     def _empty_knobs(rows: int) -> dict:
@@ -508,6 +524,10 @@ class Slots:
         for B in rows:  # the calls _turn, _admit, _gather and _move make, on arrays of the same kinds
             if B in self.prefill_sizes:
                 jobs += [lambda B=B, L=L: self._compile_prefill(B, L, cap) for L in prompts]
+            jobs += [lambda B=B, P=P: self._firsts_jit(*jax.device_put((np.zeros(B, np.int32), np.ones(B, bool)),
+                                                                       self._placement),
+                                                        index(P), jax.device_put(index(P), self._placement),
+                                                        self.stops) for P in self.prefill_sizes]
             jobs += [lambda B=B, S=S: self._compile_decode(B, S, cap) for S in caches]
             jobs += [lambda B=B, S=S, L=L: gpt.put_rows(zeros(B * KV, S, hd), zeros(KV, L, hd), index(KV), np.int32(0))
                      for S in caches for L in prompts]
@@ -532,7 +552,8 @@ class Slots:
         return self.warm["compiled"]
 
     def _compile_decode(self, rows: int, length: int, cap: int):
-        """The decode program a turn calls for a batch of `rows` and a cache of `length` (the same arguments)."""
+        """The decode program a turn calls for a batch of `rows` and a cache of `length` (the same arguments), and
+        the empty cache's program of that shape on the way."""
         state = self._place(self._empty_cache(rows, length), self._empty_fields(rows, 0), 0)
         self._decode_jit.lower(self.engine.params, state, self.stops, self.python_end, np.int32(0), cap=cap).compile()
 
@@ -557,8 +578,7 @@ class Slots:
                 "more": z(bool), "start": np.full((rows,), pos, np.int32)}
 
     def _empty_cache(self, rows: int, length: int) -> gpt.DecodeCache:
-        cache = gpt.init_decode_cache(self.cfg, rows, length, self.engine.dtype, device=self._placement)
-        return self.engine._constrain_cache(cache)  # (pos and start: _place sets them)
+        return self._zeros_jit(rows=rows, length=length)  # (pos and start: _place sets them)
 
     def _gather(self, cache: gpt.DecodeCache, f: dict, order_B, pos: int):
         """Rows gathered by `order_B` into a batch of its length (an index past the old batch: an empty row, done)."""

@@ -1,5 +1,6 @@
-"""The device programs of continuous batching (nanojax.batching runs them): the prefill of a group of joiners, and
-the decode loop over rows that are different requests (per-row sampling knobs, seeds, step counts and limits)."""
+"""The device programs of continuous batching (nanojax.batching runs them): the prefill of a group of joiners (and
+the group sizes), and the decode loop over rows that are different requests (per-row sampling knobs, seeds, step counts
+and limits)."""
 from __future__ import annotations
 
 import flax.struct
@@ -30,6 +31,17 @@ class SlotState:
     host: jax.Array         # () bool: the last call stopped for Python
 
 
+def prefill_groups(joiners: int, sizes: list[int]) -> list[int]:
+    """Prefill group sizes for `joiners` (sizes 1, 4, 16, ...): the smallest that holds the rest if at most half of it
+    is padding, else the largest they fill (a group reads the weights once; few sizes keep the programs few)."""
+    out = []
+    while joiners > 0:
+        fits = [P for P in sizes if joiners <= P <= 2 * joiners]
+        out.append(fits[0] if fits else max(P for P in sizes if P <= joiners))
+        joiners -= out[-1]
+    return out
+
+
 def prefill(engine, params, prompts_PL, start_P, knobs, *, cap):
     """A group of joiners' prompts (each right-aligned in a bucket) through the model: each joiner's cache windows
     (per layer, (KV, L, hd)) and the first tokens (sampled at step 0 of each seed, as engine.generate would)."""
@@ -40,6 +52,14 @@ def prefill(engine, params, prompts_PL, start_P, knobs, *, cap):
     first = sample_rows(logits[:, 0], u, knobs["temperature"], knobs["top_k"], knobs["top_p"], cap)
     split = lambda xs: tuple(tuple(x.reshape(P, -1, *x.shape[1:])[i] for x in xs) for i in range(P))  # noqa
     return split(cache.k), split(cache.v), first
+
+
+def place_firsts(token_B, done_B, rows_P, first_P, stops):
+    """A prefilled group's first tokens written into its rows (an index past the batch, a padding row's, is dropped),
+    on the device: the decode call is queued behind the prefill without waiting for Python to read them. A row whose
+    first token is a stop is done."""
+    stopped = jnp.zeros_like(done_B).at[rows_P].set(jnp.isin(first_P, stops), mode="drop")
+    return token_B.at[rows_P].set(first_P, mode="drop"), done_B | stopped
 
 
 def decode(engine, chunk: int, params, state: SlotState, stops, python_end, steps, *, cap):

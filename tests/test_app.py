@@ -342,8 +342,9 @@ def test_serve_app_on_a_checkpoint_in_a_subprocess(base_dir):
             if warm["done"]:
                 break
             time.sleep(0.2)
-        # prefills, and per row bucket: decode, a write per prompt bucket, a gather from the other bucket, a shift
-        assert (warm["programs"], warm["compiled"]) == (2 + 2 * (1 + 2 + 1 + 1), 12)
+        # prefills, and per row bucket: decode, first tokens' write, a write per prompt bucket, a gather from the
+        # other bucket, a shift
+        assert (warm["programs"], warm["compiled"]) == (2 + 2 * (1 + 1 + 2 + 1 + 1), 14)
         compiled = httpx.get(url + "/stats").json()["engine"]["compilations"]
         r = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=5, temperature=0), timeout=120)
         body = r.json()
@@ -357,5 +358,5 @@ def test_serve_app_on_a_checkpoint_in_a_subprocess(base_dir):
         proc.terminate()
         proc.wait(timeout=30)
     out = proc.stdout.read()
-    assert "serving nanojax-sft-d2 at http://127.0.0.1:" in out and "warm-up: 12 programs compiled" in out
+    assert "serving nanojax-sft-d2 at http://127.0.0.1:" in out and "warm-up: 14 programs compiled" in out
     assert re.search(r"request \d+: \d+ prompt tokens, \d+ generated, (stop|length), ", out), out  # no text of it

@@ -1,5 +1,6 @@
-"""nanojax.slot_programs: a group's prefill gives each joiner what a prefill of its own gives; the decode loop takes
-at most the steps it is asked for."""
+"""nanojax.slot_programs: joiners go in few group sizes; a group's prefill gives each joiner what a prefill of its
+own gives; its first tokens land in their rows on the device; the decode loop takes at most the steps it is asked
+for."""
 import functools
 
 import jax
@@ -7,7 +8,15 @@ import numpy as np
 
 from nanojax import slot_programs
 from nanojax.batching import Slots
+from nanojax.slot_programs import prefill_groups
 from test_engine import engines, models, prompt_of, tok  # noqa: F401  (fixtures)
+
+
+def test_joiners_are_prefilled_in_few_group_sizes_with_little_padding():
+    sizes = [1, 4, 16]  # Slots(max_batch=32).prefill_sizes
+    assert {n: prefill_groups(n, sizes) for n in (1, 2, 3, 5, 8, 9, 16, 31, 33)} == {
+        1: [1], 2: [4], 3: [4], 5: [4, 1], 8: [16], 9: [16], 16: [16], 31: [16, 16], 33: [16, 16, 1]}
+    assert prefill_groups(3, [1]) == [1, 1, 1]
 
 
 def test_a_groups_prefill_gives_each_joiner_what_its_own_prefill_gives(engines):
@@ -39,3 +48,10 @@ def test_the_decode_loop_takes_at_most_the_steps_asked(engines):
         n = slots._decode_jit(engines["gqa"].params, state, slots.stops, slots.python_end, np.int32(steps), cap=64)[3]
         assert int(n) == taken
     slots.close()
+
+
+def test_a_groups_first_tokens_land_in_its_rows_and_a_stop_ends_its_row():
+    token, done = np.array([7, 7, 7, 7], np.int32), np.array([False, True, False, False])
+    rows, first, stops = np.array([2, 0, 4, 4], np.int32), np.array([5, 9, 1, 1], np.int32), np.array([9, -1], np.int32)
+    token, done = jax.jit(slot_programs.place_firsts)(token, done, rows, first, stops)  # rows 4: padding, dropped
+    assert token.tolist() == [9, 7, 5, 7] and done.tolist() == [True, True, False, False]
