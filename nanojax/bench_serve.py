@@ -11,9 +11,10 @@ just before or after it (alternating), for `rounds` rounds; the ratios reported 
 (`rounds` lists every pair). Measured:
   - 32 concurrent streaming clients: all complete; aggregate completion tokens/s (first request sent to last token
     received, prefill and joins included) against bench decode's steps at batch 32;
-  - one client alone, five requests one after another: tokens/s from each request to its last token, against five
-    bench decode runs at batch 1 from the prompt to the last token (time to first token + the steps; the text
-    streams in bursts, one a device call, so the first-to-last span of the text is not a token count's);
+  - one client alone, five requests one after another, each beside a bench decode run at batch 1 (the run first for
+    every other request): tokens/s from each request to its last token, against the runs' from the prompt to the
+    last token (time to first token + the steps; the text streams in bursts, one a device call, so the first-to-last
+    span of the text is not a token count's);
   - 10 clients that hang up mid-stream: the server's /stats show their rows freed;
   - the server's resident memory (VmRSS) before and after 500 sequential requests.
 NANOJAX_SERVER_LOG=PATH keeps the server's output there (with JAX_LOG_COMPILES=1: what it compiled, and when).
@@ -114,11 +115,19 @@ async def _load(url: str, model: str, bench, rounds: int, clients: int, new_toke
             return {"completed": len(results), "tokens": tokens, "tok_per_s": tokens / (end - t0),
                     "ttft_ms_median": 1e3 * float(np.median([r["first"] - r["start"] for r in results if r["first"]]))}
 
-        async def alone(i):  # ALONE_REQUESTS one after another (one is a third of a second: too short to time alone)
-            rs = [await _stream(client, url, body(new_tokens, i + j)) for j in range(ALONE_REQUESTS)]
+        async def alone(i, decode=None, rnd=0):  # ALONE_REQUESTS one after another (one is a third of a second: too
+            # short to time alone); with `decode` (decode run j), each beside a decode run, in the order
+            # decode-request, request-decode, ... in even rounds `rnd`, request-decode, ... in odd ones (drift cancels)
+            rs, ones = [], []
+            for j in range(ALONE_REQUESTS):
+                if decode is not None and (rnd + j) % 2 == 0:
+                    ones.append(decode(j))
+                rs.append(await _stream(client, url, body(new_tokens, i + j)))
+                if decode is not None and (rnd + j) % 2:
+                    ones.append(decode(j))
             tokens = sum(r["tokens"] for r in rs)
             return {"tokens": tokens, "ttft_ms": 1e3 * np.median([r["first"] - r["start"] for r in rs]),
-                    "tok_per_s": tokens / sum(r["last"] - r["start"] for r in rs)}
+                    "tok_per_s": tokens / sum(r["last"] - r["start"] for r in rs), "decode": ones}
 
         compilations = lambda: client.get(url + "/stats")  # noqa: E731
 
@@ -135,20 +144,20 @@ async def _load(url: str, model: str, bench, rounds: int, clients: int, new_toke
             result = await run()
             return result, (await compilations()).json()["engine"]["compilations"] - before
 
-        async def pair(decode_batch, repeats, serve, r):  # decode first in even rounds, the server first in odd ones
-            decode = lambda: [bench.run(decode_batch, 100 * r + j) for j in range(repeats)]  # noqa: E731
+        async def pair(serve, r):  # bench decode at 32 rows first in even rounds, the server first in odd ones
             if r % 2:
                 served = await timed(serve)
-                return decode(), served
-            decoded = decode()
+                return bench.run(clients, 100 * r), served
+            decoded = bench.run(clients, 100 * r)
             return decoded, await timed(serve)
 
         out["warmup_rounds"] = [await warm(lambda: concurrent(clients, 0)), await warm(lambda: alone(5))]
         out["rounds"], decode_runs = [], {clients: [], 1: []}
         for r in range(rounds):  # each server measure next to a decode measure of the same load
-            [(ttft, step)], (many, compiled) = await pair(clients, 1, lambda: concurrent(clients, 1000 * (r + 1)), r)
+            (ttft, step), (many, compiled) = await pair(lambda: concurrent(clients, 1000 * (r + 1)), r)
             decode_runs[clients].append((ttft, step))
-            ones, (one, compiled1) = await pair(1, ALONE_REQUESTS, lambda: alone(100 * (r + 1)), r)
+            one, compiled1 = await timed(lambda: alone(100 * (r + 1), lambda j: bench.run(1, 100 * r + j), r))
+            ones = one["decode"]
             decode_runs[1] += ones
             one_end_to_end = len(ones) * new_tokens / sum(t + (new_tokens - 1) * s for t, s in ones)  # prompt to last
             out["rounds"].append({
