@@ -9,4 +9,7 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null 
   echo "note: no chromium found: the browser test of the chat page (tests/test_app.py) will be SKIPPED" \
        "(apt-get install chromium to run it)" >&2
 fi
-exec python -m pytest "$@"
+# Test files in parallel (pytest-xdist; a file's tests stay in one process, so its module fixtures compile once): as
+# many workers as cores, at most 4 (each simulates 8 devices). NANOJAX_TEST_WORKERS=0 runs in this process.
+workers="${NANOJAX_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
+exec python -m pytest -n "$workers" --dist loadfile "$@"
