@@ -478,11 +478,9 @@ class Slots:
     def _join_firsts(self, state: SlotState) -> SlotState:
         """The turn's first tokens written into the state on the device (place_firsts, one call per group)."""
         token, done = state.token, state.done
-        for first, group_rows in self._firsts:
-            rows_P = np.full(first.shape, len(self._rows), np.int32)  # padding rows: past the batch
-            rows_P[:len(group_rows)] = group_rows
-            first = jax.device_put(first, self._placement)  # (as warm_up compiles it)
-            token, done = self._firsts_jit(token, done, rows_P, first, self.stops)
+        for first, group_rows in self._firsts:  # a padding row's index: past the batch; first committed as warm_up's
+            rows_P = np.array(group_rows + [len(self._rows)] * (len(first) - len(group_rows)), np.int32)
+            token, done = self._firsts_jit(token, done, rows_P, jax.device_put(first, self._placement), self.stops)
         return state.replace(token=token, done=done)
 
     def _deliver_firsts(self):
@@ -524,10 +522,7 @@ class Slots:
         for B in rows:  # the calls _turn, _admit, _gather and _move make, on arrays of the same kinds
             if B in self.prefill_sizes:
                 jobs += [lambda B=B, L=L: self._compile_prefill(B, L, cap) for L in prompts]
-            jobs += [lambda B=B, P=P: self._firsts_jit(*jax.device_put((np.zeros(B, np.int32), np.ones(B, bool)),
-                                                                       self._placement),
-                                                        index(P), jax.device_put(index(P), self._placement),
-                                                        self.stops) for P in self.prefill_sizes]
+            jobs += [lambda B=B, P=P: self._compile_firsts(B, P) for P in self.prefill_sizes]
             jobs += [lambda B=B, S=S: self._compile_decode(B, S, cap) for S in caches]
             jobs += [lambda B=B, S=S, L=L: gpt.put_rows(zeros(B * KV, S, hd), zeros(KV, L, hd), index(KV), np.int32(0))
                      for S in caches for L in prompts]
@@ -556,6 +551,12 @@ class Slots:
         the empty cache's program of that shape on the way."""
         state = self._place(self._empty_cache(rows, length), self._empty_fields(rows, 0), 0)
         self._decode_jit.lower(self.engine.params, state, self.stops, self.python_end, np.int32(0), cap=cap).compile()
+
+    def _compile_firsts(self, rows: int, group: int):
+        """The first tokens' write _join_firsts calls for a batch of `rows` and a group of `group` (the same kinds)."""
+        token, done, first = jax.device_put((np.zeros(rows, np.int32), np.ones(rows, bool), np.zeros(group, np.int32)),
+                                            self._placement)
+        self._firsts_jit(token, done, np.zeros(group, np.int32), first, self.stops)
 
     def _compile_prefill(self, rows: int, length: int, cap: int):
         """The prefill program _admit calls for `rows` prompts in a bucket of `length` (the same argument types)."""
