@@ -370,10 +370,9 @@ class DecodeCache:
     start: jax.Array  # (B,) int32: a row's first real position (keys before it are padding)
 
 
-def init_decode_cache(cfg: GPTConfig, batch: int, length: int, dtype, device=None) -> DecodeCache:
-    """An empty cache of `length` positions for `batch` rows, pos 0, every row starting at 0; its k and v placed on
-    `device` (a device or sharding) when given."""
-    zeros = lambda: jnp.zeros((batch * cfg.n_kv_head, length, cfg.head_dim), dtype, device=device)  # noqa: E731
+def init_decode_cache(cfg: GPTConfig, batch: int, length: int, dtype) -> DecodeCache:
+    """An empty cache of `length` positions for `batch` rows, pos 0, every row starting at 0."""
+    zeros = lambda: jnp.zeros((batch * cfg.n_kv_head, length, cfg.head_dim), dtype)  # noqa: E731
     return DecodeCache(k=tuple(zeros() for _ in range(cfg.depth)), v=tuple(zeros() for _ in range(cfg.depth)),
                        pos=jnp.int32(0), start=jnp.zeros((batch,), jnp.int32))
 
