@@ -506,8 +506,8 @@ class Slots:
                 should_stop=lambda: False) -> int:
         """Compile, before requests come, every program that serving conversations of up to `max_len` positions
         (default: the context) with top_k <= `top_k` meets: the prefill of each (group, prompt) bucket, the decode
-        loop of each (rows, cache) bucket and the turns' cache edits of each shape, so that no request waits for a
-        compilation (seconds for the first two). One-row programs first (a lone chat needs them first), then two
+        loop of each (rows, cache) bucket, the turns' cache edits and first tokens' writes, so that no request waits
+        for a compilation (seconds for the first two). One-row programs first (a lone chat needs them first), then two
         rows, four, ...; `threads` compile at once (XLA compiles on the host's cores); `should_stop()` ends it early.
         self.warm shows the progress. Returns the programs compiled."""
         S_max, KV, hd = self.cfg.max_seq_len, self.cfg.n_kv_head, self.cfg.head_dim
